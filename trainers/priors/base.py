@@ -1,0 +1,79 @@
+"""The interface every diffusion prior offers to the guidance methods.
+
+A prior is a frozen ε-prediction model with a noise schedule. Guidance only ever calls the methods below,
+so a diffusers Stable Diffusion pipeline, the random-weight `tiny-sd` and the exact reference prior
+(`trainers.priors.reference`) are interchangeable.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from pydantic import field_validator
+
+from trainers.config_base import ConfigBase
+
+
+class PriorConfig(ConfigBase):
+    # "tiny-sd" (built-in random weights), "reference" (exact prior of the procedural scenes),
+    # a hub id such as "stabilityai/stable-diffusion-2-1-base", or a local directory in that layout.
+    name: str = "tiny-sd"
+    # fp16 on CUDA and fp32 on the CPU when "auto".
+    dtype: Literal["auto", "fp16", "fp32"] = "auto"
+    # The image size the prior takes (renders are resized to it); None: the prior's native size.
+    image_size: int | None = None
+    # Where built-in priors are written once and hub downloads are cached; None: ~/.cache/dreamsweep.
+    cache_dir: str | None = None
+    # Offload: enable attention slicing / channels-last etc. on CUDA.
+    enable_memory_efficient_attention: bool = True
+
+    @field_validator("name")
+    @classmethod
+    def _name_not_empty(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("prior.name is empty: use 'tiny-sd', 'reference', a hub id or a local path")
+        return value
+
+
+class DiffusionPrior:
+    """What guidance needs from a prior. Subclasses fill these in."""
+
+    num_train_timesteps: int
+    alphas_cumprod: torch.Tensor  # [T], float32, on `device`
+    image_size: int  # the (square) image size the prior takes
+    in_pixel_space: bool  # True: x0 are images scaled to [-1, 1]; False: VAE latents
+    device: torch.device
+    dtype: torch.dtype
+    unet: torch.nn.Module | None = None  # for VSD's LoRA; None when the prior has no UNet
+
+    def encode_text(self, prompts: list[str]) -> torch.Tensor:
+        """Prompts -> conditioning embeddings [N, L, D] (the empty string is the unconditional one)."""
+        raise NotImplementedError
+
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        """Renders [B, 3, H, W] in [0, 1] at `image_size` -> x0 (latents, or pixels in [-1, 1]), float32."""
+        raise NotImplementedError
+
+    def decode(self, x0: torch.Tensor) -> torch.Tensor:
+        """x0 -> images [B, 3, H, W] in [0, 1]."""
+        raise NotImplementedError
+
+    def predict_noise(
+        self,
+        x_t: torch.Tensor,
+        t: torch.Tensor,
+        text_embeddings: torch.Tensor,
+        class_labels: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """One batched forward: ε̂(x_t, t, text) for every row, returned as float32."""
+        raise NotImplementedError
+
+    def describe(self) -> dict[str, object]:
+        return {
+            "num_train_timesteps": self.num_train_timesteps,
+            "image_size": self.image_size,
+            "in_pixel_space": self.in_pixel_space,
+            "dtype": str(self.dtype).removeprefix("torch."),
+            "device": str(self.device),
+        }
