@@ -35,6 +35,23 @@ class PriorConfig(ConfigBase):
             raise ValueError("prior.name is empty: use 'tiny-sd', 'reference', a hub id or a local path")
         return value
 
+    @field_validator("image_size")
+    @classmethod
+    def _image_size_positive(cls, value: int | None) -> int | None:
+        # Divisibility depends on the prior's architecture and is checked when it is loaded.
+        if value is not None and value <= 0:
+            raise ValueError(
+                "prior.image_size must be a positive number of pixels, or null for the native size"
+            )
+        return value
+
+
+def resolve_device(device: torch.device | str | None = None) -> torch.device:
+    """None or "auto": CUDA when present, else the CPU; anything else as torch reads it."""
+    if device is None or device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
 
 class DiffusionPrior:
     """What guidance needs from a prior. Subclasses fill these in."""

@@ -1,0 +1,269 @@
+"""The exact reference prior (MMSE denoiser of scene renders) and the scene-prompt text encoder."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import trainers.scenes as scenes
+from trainers.cameras import orbit_cameras, view_dependent_prompt
+from trainers.guidance import GuidanceConfig, add_noise, make_guidance
+from trainers.priors.base import PriorConfig
+from trainers.priors.reference import VOCABULARY, ReferencePrior, ReferencePriorConfig
+from trainers.scenes import all_prompts
+from trainers.text_encoding import SceneTextEncoder, TextEncoderConfig, tokenize
+
+SIZE = 16
+UNCOND = ["a blue sphere", "a green torus", "a yellow cone"]
+
+
+def small_config(**overrides) -> ReferencePriorConfig:
+    return ReferencePriorConfig(n_views=12, uncond_prompts=UNCOND, uncond_views=6, **overrides)
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("reference-cache")
+
+
+@pytest.fixture(scope="module")
+def prior(cache_dir) -> ReferencePrior:
+    cfg = PriorConfig(name="reference", image_size=SIZE, cache_dir=str(cache_dir))
+    return ReferencePrior.from_config(cfg, "cpu", small_config())
+
+
+def noised(prior, x0, t, seed=0):
+    noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(seed))
+    t = torch.full((x0.shape[0],), t, dtype=torch.long)
+    return add_noise(prior.alphas_cumprod, x0, noise, t), t, noise
+
+
+def denoised(prior, x_t, t, eps):
+    alpha = prior.alphas_cumprod[t].view(-1, 1, 1, 1)
+    return (x_t - (1 - alpha).sqrt() * eps) / alpha.sqrt()
+
+
+def render(prior, prompt, index=0):
+    return prior.bank(prompt).images[index : index + 1].view(1, 3, SIZE, SIZE)
+
+
+# -- the text encoder ----------------------------------------------------------------------------------
+
+
+def test_text_encoder_is_deterministic_across_instances_and_empty_prompt_is_zero():
+    a = SceneTextEncoder().encode(["a red cube", ""])
+    b = SceneTextEncoder().encode(["a red cube", ""])
+    assert a.shape == (2, TextEncoderConfig().max_length, TextEncoderConfig().dim)
+    assert torch.equal(a, b)
+    assert a[1].abs().sum() == 0 and a[0].abs().sum() > 0
+
+
+def test_text_encoder_keeps_word_order_and_shares_word_vectors_across_prompts():
+    encoder = SceneTextEncoder()
+    swapped = encoder.encode(["a red cube on top of a blue sphere", "a blue cube on top of a red sphere"])
+    assert not torch.allclose(swapped[0], swapped[1])
+    # "purple" at the same position contributes the same vector whatever the shape after it.
+    e = encoder.encode(["a purple torus", "a purple cube"])
+    assert torch.equal(e[0, 1], e[1, 1]) and not torch.equal(e[0, 2], e[1, 2])
+
+
+def test_text_encoder_seed_changes_the_vocabulary():
+    a = SceneTextEncoder(TextEncoderConfig(seed=0)).encode(["a red cube"])
+    b = SceneTextEncoder(TextEncoderConfig(seed=1)).encode(["a red cube"])
+    assert not torch.allclose(a, b)
+
+
+def test_every_grammar_prompt_with_any_view_suffix_decodes_back_from_its_embedding():
+    encoder = SceneTextEncoder()
+    prompts = all_prompts()[::37]
+    prompts += [view_dependent_prompt(p, label) for p in prompts[:10] for label in scenes.VIEW_LABELS]
+    decoded = encoder.decode(encoder.encode(prompts + [""]), VOCABULARY)
+    assert decoded[:-1] == [" ".join(tokenize(p)) for p in prompts]
+    assert decoded[-1] == ""
+
+
+def test_text_encoder_config_names_the_field_it_refuses():
+    with pytest.raises(ValueError, match="dim"):
+        TextEncoderConfig(dim=63)
+    with pytest.raises(ValueError, match="max_length"):
+        TextEncoderConfig(max_length=0)
+
+
+# -- the interface ---------------------------------------------------------------------------------------
+
+
+def test_prior_offers_the_diffusion_prior_interface_in_pixel_space(prior):
+    assert prior.in_pixel_space and prior.unet is None
+    assert prior.image_size == SIZE and prior.num_train_timesteps == 1000
+    acp = prior.alphas_cumprod
+    assert acp.shape == (1000,) and (acp[1:] < acp[:-1]).all() and 0 < acp[-1] < acp[0] < 1
+    images = torch.rand(2, 3, SIZE, SIZE)
+    x0 = prior.encode_images(images)
+    assert x0.min() >= -1 and x0.max() <= 1
+    assert torch.allclose(prior.decode(x0), images, atol=1e-6)
+
+
+def test_encode_text_refuses_text_outside_the_scene_grammar(prior):
+    with pytest.raises(ValueError, match="not a scene prompt"):
+        prior.encode_text(["a photo of an astronaut riding a horse"])
+
+
+def test_renders_are_cached_under_the_cache_dir_so_a_second_prior_does_not_render_again(
+    prior, cache_dir, monkeypatch
+):
+    prior.encode_text(["a red cube"])
+    assert prior.cache_dir.is_relative_to(cache_dir)
+    assert list(prior.cache_dir.glob("a_red_cube-*.npz"))
+
+    def fail(*args, **kwargs):
+        raise AssertionError("rendered again instead of reading the cache")
+
+    monkeypatch.setattr(scenes, "render_scene", fail)
+    again = ReferencePrior(SIZE, prior.cache_dir, "cpu", small_config())
+    assert torch.equal(again.bank("a red cube").images, prior.bank("a red cube").images)
+
+
+# -- the closed form --------------------------------------------------------------------------------------
+
+
+def test_mmse_eps_matches_an_independent_gaussian_posterior_computation(prior):
+    generator = torch.Generator().manual_seed(0)
+    images = torch.rand(4, 3 * 4 * 4, generator=generator) * 2 - 1
+    log_prior = torch.log(torch.tensor([[0.1, 0.2, 0.3, 0.4]]))
+    x_t = torch.randn(2, 3, 4, 4, generator=generator)
+    t = torch.tensor([300, 600])
+    eps = prior.mmse_eps(x_t, t, images, log_prior)
+    for row in range(2):
+        a = prior.alphas_cumprod[t[row]].double()
+        likelihood = torch.distributions.Normal(a.sqrt() * images.double(), (1 - a).sqrt())
+        log_post = likelihood.log_prob(x_t[row].reshape(1, -1).double()).sum(dim=1) + log_prior[0].double()
+        posterior_mean = torch.softmax(log_post, dim=0) @ images.double()
+        expected = (x_t[row].reshape(-1).double() - a.sqrt() * posterior_mean) / (1 - a).sqrt()
+        assert torch.allclose(eps[row].reshape(-1).double(), expected, atol=1e-4)
+
+
+def test_a_single_image_distribution_recovers_the_true_noise_at_every_timestep(prior):
+    x0 = torch.rand(1, 3, 4, 4) * 2 - 1
+    for t in (1, 20, 500, 999):
+        x_t, t_batch, noise = noised(prior, x0, t)
+        eps = prior.mmse_eps(x_t, t_batch, x0.reshape(1, -1), torch.zeros(1, 1))
+        assert torch.allclose(eps, noise, atol=1e-3)
+
+
+def test_conditional_denoising_pulls_towards_the_prompts_renders_unconditional_does_not(prior):
+    cube, sphere = prior.encode_text(["a red cube", "a blue sphere"])
+    uncond = prior.encode_text([""])[0]
+    x_t, t, _ = noised(prior, render(prior, "a blue sphere"), 250)
+    rows = torch.stack([cube, uncond])
+    x_hat = denoised(
+        prior,
+        x_t.repeat(2, 1, 1, 1),
+        t.repeat(2),
+        prior.predict_noise(x_t.repeat(2, 1, 1, 1), t.repeat(2), rows),
+    )
+    cube_renders, sphere_renders = prior.bank("a red cube").images, prior.bank("a blue sphere").images
+
+    def nearest(x, bank):
+        return torch.cdist(x.reshape(1, -1), bank).min().item()
+
+    assert nearest(x_hat[0], cube_renders) < 0.1 * nearest(x_hat[0], sphere_renders)
+    assert nearest(x_hat[1], sphere_renders) < 0.1 * nearest(x_hat[1], cube_renders)
+
+
+def test_rows_mixed_by_guidance_are_denoised_each_against_its_own_prompt(prior):
+    cond = prior.encode_text(["a red cube", "a red cube, back view"])
+    uncond = prior.encode_text([""])
+    x_t, t, _ = noised(prior, torch.rand(4, 3, SIZE, SIZE) * 2 - 1, 400)
+    mask = torch.tensor([True, False, True, False])
+    rows = torch.where(mask.view(-1, 1, 1), cond.repeat(2, 1, 1), uncond.expand(4, -1, -1))
+    together = prior.predict_noise(x_t, t, rows)
+    one_by_one = torch.cat(
+        [prior.predict_noise(x_t[i : i + 1], t[i : i + 1], rows[i : i + 1]) for i in range(4)]
+    )
+    assert torch.allclose(together, one_by_one, atol=1e-5)
+    assert not torch.allclose(together[0], together[1])
+
+
+def test_view_suffix_keeps_only_renders_with_that_view_label(prior):
+    prior.encode_text(["a red cube"])
+    bank = prior.bank("a red cube")
+    weights = prior.log_prior("a red cube back view", None)[0]
+    is_back = torch.tensor([label == "back" for label in bank.labels])
+    assert is_back.any() and (~is_back).any()
+    assert torch.isfinite(weights[is_back]).all() and torch.isinf(weights[~is_back]).all()
+    # No render is labelled "overhead" under the default elevations: all views stay, not none.
+    assert torch.isfinite(prior.log_prior("a red cube overhead view", None)).all()
+
+
+def test_camera_labels_favour_renders_seen_from_near_the_asked_camera(cache_dir):
+    prior = ReferencePrior(SIZE, cache_dir, "cpu", small_config(camera_sharpness=20.0))
+    bank = prior.bank("a red cube")
+    asked = orbit_cameras(10.0, 0.0, 1.75, 50.0).c2w.reshape(1, 16)
+    weights = prior.log_prior("a red cube", asked)[0]
+    cosine = bank.directions @ torch.nn.functional.normalize(asked.view(4, 4)[:3, 3], dim=0)
+    assert weights.argmax() == cosine.argmax()
+
+
+def test_unconditional_distribution_is_the_panel_plus_seen_prompts_each_weighted_equally(prior):
+    fresh = ReferencePrior(SIZE, prior.cache_dir, "cpu", small_config())
+    fresh.encode_text(["a red cube, front view"])
+    uncond = fresh.uncond_bank()
+    assert len(uncond.images) == len(UNCOND) * 6 + 12  # the panel's views plus the seen prompt's
+    weights = uncond.log_weights.exp()
+    assert math.isclose(float(weights.sum()), 1.0, rel_tol=1e-5)
+    per_prompt = [weights[i * 6 : (i + 1) * 6].sum() for i in range(len(UNCOND))] + [weights[-12:].sum()]
+    assert torch.allclose(torch.stack(per_prompt), torch.full((len(UNCOND) + 1,), 1 / (len(UNCOND) + 1)))
+
+
+# -- with the guidance methods ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("method", ["sds", "csd", "asd", "vsd"])
+def test_every_guidance_method_runs_on_the_reference_prior_with_finite_gradients(prior, method):
+    guidance = make_guidance(GuidanceConfig(method=method, cfg_scale=7.5), prior)
+    images = torch.rand(2, 3, 24, 24, requires_grad=True)  # resized to the prior's size by guidance
+    cond = prior.encode_text(["a red cube, front view", "a red cube, side view"])
+    out = guidance(
+        images,
+        cond,
+        prior.encode_text([""]),
+        step=0,
+        generator=torch.Generator().manual_seed(0),
+        camera_vectors=orbit_cameras(10.0, torch.tensor([0.0, 90.0]), 1.75, 50.0).camera_vector(),
+    )
+    out.loss.backward()
+    assert torch.isfinite(images.grad).all() and images.grad.abs().sum() > 0
+    guidance.close()
+
+
+def test_sds_on_the_reference_prior_turns_an_image_of_the_wrong_scene_into_the_prompts_scene(prior):
+    cond = prior.encode_text(["a red cube"])
+    uncond = prior.encode_text([""])
+    guidance = make_guidance(GuidanceConfig(method="sds", cfg_scale=7.5, t_min=0.02, t_max=0.5), prior)
+    images = ((render(prior, "a blue sphere", 3) + 1) / 2).clone().requires_grad_(True)
+    optimizer = torch.optim.SGD([images], lr=0.05)
+    cube = (prior.bank("a red cube").images + 1) / 2
+
+    def distance_to_cube():
+        return torch.cdist(images.detach().reshape(1, -1), cube).min().item()
+
+    before = distance_to_cube()
+    generator = torch.Generator().manual_seed(0)
+    for step in range(60):
+        optimizer.zero_grad()
+        guidance(images, cond, uncond, step=step, generator=generator).loss.backward()
+        optimizer.step()
+        with torch.no_grad():
+            images.clamp_(0, 1)
+    assert distance_to_cube() < 0.5 * before
+
+
+def test_reference_config_names_the_field_it_refuses():
+    with pytest.raises(ValueError, match="view_leak"):
+        ReferencePriorConfig(view_leak=2.0)
+    with pytest.raises(ValueError, match="uncond_prompts"):
+        ReferencePriorConfig(uncond_prompts="everything")
+    with pytest.raises(ValueError, match="n_views"):
+        ReferencePriorConfig(n_views=0)

@@ -1,0 +1,337 @@
+"""Score distillation: the per-step gradient a frozen 2D prior gives a 3D model's renders.
+
+Two layers, as in gsplat: a pure functional core that anyone can check against the published
+formulas, and one small class per method that samples t, ε (and t+Δt) and calls that core.
+
+    distillation_grad("sds" | "csd" | "asd", eps_fn, alphas_cumprod, x0, t, noise, cfg_scale=, t_plus=)
+    asd_timestep_shift(t, t_min, eta, num_train_timesteps)
+
+With x_t = √ᾱ_t·x0 + √(1−ᾱ_t)·ε and w(t) = 1 − ᾱ_t:
+    SDS: w(t)·(ε̂_cfg(x_t, t) − ε)
+    CSD: w(t)·s·(ε_cond(x_t, t) − ε_uncond(x_t, t))
+    VSD: w(t)·(ε̂_cfg(x_t, t) − ε_lora(x_t, t, π))
+    ASD: w(t)·(ε̂_cfg(x_t, t) − ε_cond(x_{t+Δt}, t+Δt)), the same ε at both timesteps
+where ε̂_cfg = ε_uncond + s·(ε_cond − ε_uncond).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from pydantic import field_validator, model_validator
+
+from trainers.config_base import ConfigBase, Schedule, check_schedule, schedule_range, schedule_value
+from trainers.priors.base import DiffusionPrior
+
+# eps_fn(x_t [N,...], t [N] long, cond [N] bool) -> ε̂ [N,...]; True rows are text-conditional.
+EpsFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+METHODS = ("sds", "csd", "asd", "vsd")
+
+
+# ---------------------------------------------------------------------------------------------------
+# The functional core
+
+
+def _per_sample(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    return values.view(-1, *([1] * (like.ndim - 1))).to(like.dtype)
+
+
+def add_noise(alphas_cumprod: torch.Tensor, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor):
+    """x_t = √ᾱ_t·x0 + √(1−ᾱ_t)·ε (DDPMScheduler.add_noise, without needing a scheduler object)."""
+    alpha = _per_sample(alphas_cumprod.to(x0.device)[t], x0)
+    return alpha.sqrt() * x0 + (1 - alpha).sqrt() * noise
+
+
+def distillation_grad(
+    method: str,
+    eps_fn: EpsFn,
+    alphas_cumprod: torch.Tensor,
+    x0: torch.Tensor,
+    t: torch.Tensor,
+    noise: torch.Tensor,
+    *,
+    cfg_scale: float,
+    t_plus: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The distillation gradient on x0 for SDS, CSD or ASD, from exactly one call of `eps_fn`.
+
+    All predictions of one step go through the prior in a single batched forward: [uncond, cond] for
+    SDS and CSD, [uncond, cond, cond at t+Δt] for ASD.
+    """
+    method = method.lower()
+    if method not in ("sds", "csd", "asd"):
+        raise ValueError(f"distillation_grad: method must be 'sds', 'csd' or 'asd', got {method!r}")
+    if method == "asd" and t_plus is None:
+        raise ValueError("distillation_grad: method 'asd' needs t_plus (see asd_timestep_shift)")
+    batch = x0.shape[0]
+    x_t = add_noise(alphas_cumprod, x0, noise, t)
+    uncond = torch.zeros(batch, dtype=torch.bool, device=x0.device)
+    cond = torch.ones(batch, dtype=torch.bool, device=x0.device)
+
+    if method == "asd":
+        x_t_plus = add_noise(alphas_cumprod, x0, noise, t_plus)
+        eps = eps_fn(
+            torch.cat([x_t, x_t, x_t_plus]), torch.cat([t, t, t_plus]), torch.cat([uncond, cond, cond])
+        )
+        eps_uncond, eps_cond, eps_cond_plus = eps.split(batch)
+    else:
+        eps = eps_fn(torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([uncond, cond]))
+        eps_uncond, eps_cond = eps.split(batch)
+
+    weight = 1 - _per_sample(alphas_cumprod.to(x0.device)[t], x0)
+    if method == "csd":
+        return weight * cfg_scale * (eps_cond - eps_uncond)
+    eps_cfg = eps_uncond + cfg_scale * (eps_cond - eps_uncond)
+    if method == "sds":
+        return weight * (eps_cfg - noise)
+    return weight * (eps_cfg - eps_cond_plus)
+
+
+def asd_timestep_shift(
+    t: torch.Tensor,
+    t_min: int,
+    eta: float,
+    num_train_timesteps: int,
+    generator: torch.Generator | None = None,
+    random: bool = True,
+) -> torch.Tensor:
+    """t + Δt with Δt ~ U[0, η·(t − T_min)] (or Δt = η·(t − T_min) when `random` is False).
+
+    As in the authors' implementation: the shift is capped so that t+Δt stays below T, truncated to an
+    integer, and t+Δt is clamped to [1, T−1].
+    """
+    if eta < 0:
+        raise ValueError(f"asd_timestep_shift: eta must be >= 0, got {eta}")
+    max_shift = (eta * (t - t_min).to(torch.float32)).clamp(min=0)
+    max_shift = torch.minimum(max_shift, (num_train_timesteps - 1 - t).to(torch.float32))
+    if random:
+        u = torch.rand(
+            t.shape, generator=generator, device=t.device if generator is None else generator.device
+        )
+        max_shift = max_shift * u.to(t.device)
+    return (t + max_shift.to(torch.long)).clamp(1, num_train_timesteps - 1)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Config
+
+
+class GuidanceConfig(ConfigBase):
+    method: Literal["asd", "sds", "csd", "vsd"] = "asd"
+    cfg_scale: float = 7.5
+    # The timestep range as fractions of the prior's T: constants or [start, end, start_step, end_step].
+    t_min: Schedule = 0.02
+    t_max: Schedule = 0.98
+    # ASD's timestep shift ratio η and whether Δt is drawn uniformly (the paper) or fixed at its maximum.
+    eta: float = 0.1
+    eta_random: bool = True
+    # Clamp |grad| elementwise (Debiasing Scores); None: no clamp.
+    grad_clip: float | None = None
+    # VSD: the LoRA (or, for priors without a UNet, a zero-initialised residual score network).
+    lora_rank: int = 4
+    lora_lr: float = 1e-3
+    lora_camera_condition: bool = True
+
+    @field_validator("t_min", "t_max")
+    @classmethod
+    def _schedule_shape(cls, value: Schedule, info) -> Schedule:
+        return check_schedule(value, f"guidance.{info.field_name}")
+
+    @field_validator("cfg_scale")
+    @classmethod
+    def _cfg_non_negative(cls, value: float) -> float:
+        if value < 0:
+            raise ValueError("guidance.cfg_scale must be >= 0 (7.5 for ASD/VSD, ~100 for SDS)")
+        return value
+
+    @field_validator("eta")
+    @classmethod
+    def _eta_non_negative(cls, value: float) -> float:
+        if value < 0:
+            raise ValueError("guidance.eta must be >= 0 (the paper uses 0.1)")
+        return value
+
+    @field_validator("lora_rank")
+    @classmethod
+    def _rank_positive(cls, value: int) -> int:
+        if value < 1:
+            raise ValueError("guidance.lora_rank must be >= 1")
+        return value
+
+    @model_validator(mode="after")
+    def _range_ordered(self) -> GuidanceConfig:
+        lo_min, hi_min = schedule_range(self.t_min)
+        lo_max, hi_max = schedule_range(self.t_max)
+        for name, (lo, hi) in (("guidance.t_min", (lo_min, hi_min)), ("guidance.t_max", (lo_max, hi_max))):
+            if lo < 0 or hi > 1:
+                raise ValueError(f"{name} is a fraction of the prior's timesteps and must lie in [0, 1]")
+        # Checked at every breakpoint of both schedules, where a linear schedule's extremes lie.
+        steps = {0}
+        for sched in (self.t_min, self.t_max):
+            if isinstance(sched, list):
+                steps.update({int(sched[2]), int(sched[3])})
+        for step in sorted(steps):
+            lo, hi = schedule_value(self.t_min, step), schedule_value(self.t_max, step)
+            if lo >= hi:
+                raise ValueError(
+                    f"guidance.t_min ({lo}) must be < guidance.t_max ({hi}) at step {step}; "
+                    "e.g. guidance.t_min=0.02 guidance.t_max=0.98"
+                )
+        return self
+
+
+# ---------------------------------------------------------------------------------------------------
+# The methods
+
+
+@dataclass
+class GuidanceOutput:
+    loss: torch.Tensor  # reparameterised: d loss / d x0 = grad
+    grad: torch.Tensor
+    t: torch.Tensor
+    t_plus: torch.Tensor | None = None
+    extra_losses: dict[str, torch.Tensor] = field(default_factory=dict)  # e.g. VSD's LoRA loss
+
+    def metrics(self) -> dict[str, float]:
+        out = {
+            "train/grad_norm": float(self.grad.norm()),
+            "train/t": float(self.t.float().mean()),
+        }
+        if self.t_plus is not None:
+            out["train/t_plus"] = float(self.t_plus.float().mean())
+        for name, value in self.extra_losses.items():
+            out[f"train/{name}"] = float(value.detach())
+        return out
+
+
+class Guidance(nn.Module):
+    """Samples t and ε, runs the prior, returns a loss whose gradient on x0 is the method's gradient."""
+
+    method: str = ""
+
+    def __init__(self, cfg: GuidanceConfig, prior: DiffusionPrior):
+        super().__init__()
+        self.cfg = cfg
+        self.prior = prior
+        self.num_train_timesteps = prior.num_train_timesteps
+
+    def timestep_range(self, step: int) -> tuple[int, int]:
+        total = self.num_train_timesteps
+        t_min = int(total * schedule_value(self.cfg.t_min, step))
+        t_max = int(total * schedule_value(self.cfg.t_max, step))
+        return max(t_min, 1), min(max(t_max, t_min + 1), total - 1)
+
+    def to_prior_input(self, images: torch.Tensor) -> torch.Tensor:
+        """Renders [B,3,H,W] in [0,1] -> x0 at the prior's resolution (through the VAE if it has one)."""
+        size = self.prior.image_size
+        if images.shape[-1] != size or images.shape[-2] != size:
+            images = F.interpolate(images, (size, size), mode="bilinear", align_corners=False)
+        return self.prior.encode_images(images)
+
+    def eps_fn(self, cond_embeddings: torch.Tensor, uncond_embeddings: torch.Tensor) -> EpsFn:
+        """Row i of the batch is conditioned on its own (view-dependent) prompt or on the empty prompt."""
+
+        def fn(x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+            repeats = x_t.shape[0] // cond_embeddings.shape[0]
+            text = cond_embeddings.repeat(repeats, 1, 1)
+            uncond = uncond_embeddings.expand_as(text)
+            embeddings = torch.where(cond.view(-1, 1, 1), text, uncond)
+            with torch.no_grad():
+                return self.prior.predict_noise(x_t, t, embeddings)
+
+        return fn
+
+    def sample(self, batch: int, step: int, generator: torch.Generator) -> torch.Tensor:
+        t_min, t_max = self.timestep_range(step)
+        return torch.randint(t_min, t_max + 1, (batch,), generator=generator, device=generator.device)
+
+    def compute_grad(self, x0, t, noise, eps_fn, cameras, generator, step) -> tuple[torch.Tensor, dict]:
+        raise NotImplementedError
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """Parameters the guidance itself learns (VSD's LoRA); trained by the same optimizer."""
+        return []
+
+    def close(self) -> None:
+        """Undo anything done to a (possibly cached and shared) prior."""
+
+    def forward(
+        self,
+        images: torch.Tensor,
+        cond_embeddings: torch.Tensor,
+        uncond_embeddings: torch.Tensor,
+        *,
+        step: int,
+        generator: torch.Generator,
+        camera_vectors: torch.Tensor | None = None,
+    ) -> GuidanceOutput:
+        x0 = self.to_prior_input(images)
+        batch = x0.shape[0]
+        device = x0.device
+        t = self.sample(batch, step, generator).to(device)
+        noise = torch.randn(x0.shape, generator=generator, device=generator.device).to(device)
+        eps_fn = self.eps_fn(cond_embeddings, uncond_embeddings)
+        grad, extras = self.compute_grad(x0.detach(), t, noise, eps_fn, camera_vectors, generator, step)
+        grad = torch.nan_to_num(grad)
+        if self.cfg.grad_clip is not None:
+            grad = grad.clamp(-self.cfg.grad_clip, self.cfg.grad_clip)
+        # Reparameterisation: d/dx0 of 0.5·||x0 − (x0 − grad)||² is grad, so autograd carries it to θ.
+        target = (x0 - grad).detach()
+        loss = 0.5 * F.mse_loss(x0, target, reduction="sum") / batch
+        return GuidanceOutput(loss=loss, grad=grad, t=t, **extras)
+
+
+class SDSGuidance(Guidance):
+    method = "sds"
+
+    def compute_grad(self, x0, t, noise, eps_fn, cameras, generator, step):
+        alphas = self.prior.alphas_cumprod
+        return distillation_grad("sds", eps_fn, alphas, x0, t, noise, cfg_scale=self.cfg.cfg_scale), {}
+
+
+class CSDGuidance(Guidance):
+    method = "csd"
+
+    def compute_grad(self, x0, t, noise, eps_fn, cameras, generator, step):
+        alphas = self.prior.alphas_cumprod
+        return distillation_grad("csd", eps_fn, alphas, x0, t, noise, cfg_scale=self.cfg.cfg_scale), {}
+
+
+class ASDGuidance(Guidance):
+    method = "asd"
+
+    def compute_grad(self, x0, t, noise, eps_fn, cameras, generator, step):
+        t_min, _ = self.timestep_range(step)
+        t_plus = asd_timestep_shift(
+            t.to(generator.device),
+            t_min,
+            self.cfg.eta,
+            self.num_train_timesteps,
+            generator=generator,
+            random=self.cfg.eta_random,
+        ).to(t.device)
+        grad = distillation_grad(
+            "asd",
+            eps_fn,
+            self.prior.alphas_cumprod,
+            x0,
+            t,
+            noise,
+            cfg_scale=self.cfg.cfg_scale,
+            t_plus=t_plus,
+        )
+        return grad, {"t_plus": t_plus}
+
+
+def make_guidance(cfg: GuidanceConfig, prior: DiffusionPrior) -> Guidance:
+    if cfg.method == "vsd":
+        from trainers.vsd import VSDGuidance  # the LoRA machinery is only imported when asked for
+
+        return VSDGuidance(cfg, prior)
+    return {"sds": SDSGuidance, "csd": CSDGuidance, "asd": ASDGuidance}[cfg.method](cfg, prior)
