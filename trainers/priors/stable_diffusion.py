@@ -41,7 +41,7 @@ class HubUnreachableError(ConfigError):
 
 
 def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
-    """ "auto": fp16 on CUDA (half the memory, tensor cores) and fp32 elsewhere (CPU half is slow)."""
+    """With "auto", fp16 on CUDA (half the memory, tensor cores) and fp32 elsewhere (CPU half is slow)."""
     if dtype == "fp16" or (dtype == "auto" and device.type == "cuda"):
         return torch.float16
     return torch.float32
@@ -216,13 +216,11 @@ class StableDiffusionPrior(DiffusionPrior):
         t: torch.Tensor,
         text_embeddings: torch.Tensor,
         class_labels: torch.Tensor | None = None,
-        cross_attention_kwargs: dict[str, Any] | None = None,
     ) -> torch.Tensor:
         """One UNet forward over the whole batch; ε̂ as float32 whatever the model predicts.
 
         Autograd is left to the caller: the UNet's own weights are frozen, but VSD trains a LoRA through
-        this call. `class_labels` reach the UNet's class embedding (VSD's camera conditioning) and
-        `cross_attention_kwargs` its attention (e.g. {"scale": 0.0} to switch a LoRA off).
+        this call. `class_labels` reach the UNet's class embedding (VSD's camera conditioning).
         """
         t = torch.as_tensor(t, device=self.device)
         if t.ndim == 0:
@@ -238,7 +236,6 @@ class StableDiffusionPrior(DiffusionPrior):
             t,
             encoder_hidden_states=text_embeddings.to(self.device, self.dtype),
             class_labels=class_labels,
-            cross_attention_kwargs=cross_attention_kwargs,
             return_dict=False,
         )[0].float()
         channels = x_t.shape[1]
@@ -395,7 +392,7 @@ def _resolve_hub_id(repo_id: str, cache_dir: str | None) -> tuple[str, dict[str,
 
 
 def _unreachable(repo_id: str, tried_cache_only: bool, detail: str = "") -> HubUnreachableError:
-    reason = "the Hugging Face hub cannot be reached (offline, or HF_HUB_OFFLINE is set)"
+    reason = "no such local directory, and the Hugging Face hub cannot be reached (offline, or HF_HUB_OFFLINE is set)"
     if tried_cache_only:
         reason += " and no cached copy was found"
     return HubUnreachableError(

@@ -17,6 +17,13 @@ from pathlib import Path
 
 import torch
 
+# Imported at module level, not inside the builders: diffusers' lazy module is not thread-safe on first
+# access (two threads building at once can fail to import a class), while Python's import lock makes
+# importing this module safe. This module is itself only imported when tiny-sd is built or loaded.
+from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from tokenizers import pre_tokenizers
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
 # Bump when the recipe below changes: a cached build with another version is replaced.
 RECIPE_VERSION = 1
 RECIPE_FILE = "dreamsweep_tiny_sd.json"
@@ -88,9 +95,6 @@ def _move_into_place(staging: Path, target: Path, pixel_space: bool) -> None:
 
 
 def _write_pipeline(directory: Path, pixel_space: bool) -> None:
-    # diffusers' pipeline class is imported here only: it pulls in much of transformers.
-    from diffusers import StableDiffusionPipeline
-
     with tempfile.TemporaryDirectory() as vocab_dir:
         tokenizer = make_tokenizer(Path(vocab_dir))
         # Model constructors draw their initial weights from torch's global RNG: fix it, and give the
@@ -133,9 +137,6 @@ def make_tokenizer(directory: Path):
     form, plus the two special tokens. With no merges every word becomes one token per character: fine for
     random weights, and any prompt still tokenizes to the same ids on every machine.
     """
-    from tokenizers import pre_tokenizers
-    from transformers import CLIPTokenizer
-
     alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
     symbols = alphabet + [char + END_OF_WORD for char in alphabet] + [BOS_TOKEN, EOS_TOKEN]
     directory.mkdir(parents=True, exist_ok=True)
@@ -145,8 +146,6 @@ def make_tokenizer(directory: Path):
 
 
 def make_text_encoder(tokenizer):
-    from transformers import CLIPTextConfig, CLIPTextModel
-
     config = CLIPTextConfig(
         vocab_size=len(tokenizer),
         hidden_size=TEXT_HIDDEN,
@@ -164,8 +163,6 @@ def make_text_encoder(tokenizer):
 
 
 def make_vae():
-    from diffusers import AutoencoderKL
-
     return AutoencoderKL(
         in_channels=3,
         out_channels=3,
@@ -180,8 +177,6 @@ def make_vae():
 
 
 def make_unet(pixel_space: bool):
-    from diffusers import UNet2DConditionModel
-
     channels = 3 if pixel_space else LATENT_CHANNELS
     sample_size = PIXEL_IMAGE_SIZE if pixel_space else LATENT_IMAGE_SIZE // 2
     return UNet2DConditionModel(
@@ -199,8 +194,6 @@ def make_unet(pixel_space: bool):
 
 
 def make_scheduler():
-    from diffusers import DDPMScheduler
-
     # Stable Diffusion's training schedule.
     return DDPMScheduler(
         num_train_timesteps=1000,
