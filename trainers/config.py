@@ -1,6 +1,6 @@
 """The per-prompt trainer's config: every component's typed config composed in one tree.
 
-    cfg = load_train_config("sweeps/configs/asd_tiny.yaml", ["guidance.eta=0.2", "max_steps=500"])
+    cfg = load_train_config("sweeps/configs/reference_cpu.yaml", ["guidance.eta=0.2", "max_steps=500"])
 
 Defaults live in the pydantic models (here and next to each component); YAML and `key=value`
 overrides only change fields. An unknown key is refused with the closest valid key.

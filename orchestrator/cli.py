@@ -1,0 +1,190 @@
+"""The `dreamsweep` command. Thin: it parses arguments and calls the modules that do the work.
+
+dreamsweep train CONFIG [key=value ...] [--resume DIR]
+dreamsweep submit SPEC [--name NAME] [--workspace DIR] [--resume]
+dreamsweep resume NAME
+dreamsweep status NAME
+dreamsweep compare NAME [--top K] [--format table|csv|json]
+dreamsweep best NAME [--output FILE]
+dreamsweep list
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from trainers.config_base import ConfigError
+
+STATUS_COLUMNS = ["trial", "state", "params", "step", "objective", "elapsed_s"]
+COMPARE_COLUMNS = ["trial", "run_id", "state", "params", "objective", "prompts"]
+
+
+def _workspace_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--workspace",
+        default=None,
+        help="where the stores live (default: $DREAMSWEEP_WORKSPACE, else ./dreamsweep-workspace)",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dreamsweep", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser(
+        "train", help="train one prompt (no Ray): a trainer config YAML plus key=value overrides"
+    )
+    p.add_argument("config", help="a trainer config YAML (e.g. the output of `dreamsweep best`)")
+    p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. guidance.eta=0.2")
+    p.add_argument(
+        "--resume", default=None, metavar="DIR", help="a checkpoint dir to continue from, or 'latest'"
+    )
+
+    p = sub.add_parser("submit", help="validate a sweep spec and run it on Ray")
+    p.add_argument("spec", help="a sweep spec YAML (start from sweeps/*.yaml)")
+    p.add_argument("--name", default=None, help="the sweep's name (default: the spec's `name`)")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the sweep if the name exists (with the spec it was submitted with)",
+    )
+    # `--address` (join a running Ray cluster) arrives with the clusters issue; SweepSpec.cluster and
+    # orchestrator.cluster.ClusterConfig.address already take it.
+    _workspace_arg(p)
+
+    p = sub.add_parser("resume", help="continue a sweep after a kill, a crash or Ctrl-C")
+    p.add_argument("name")
+    _workspace_arg(p)
+
+    p = sub.add_parser("status", help="a table of a sweep's trials (Tune's view)")
+    p.add_argument("name")
+    p.add_argument("--format", choices=("table", "csv", "json"), default="table")
+    _workspace_arg(p)
+
+    p = sub.add_parser("compare", help="a sweep's trials from MLflow, best first")
+    p.add_argument("name")
+    p.add_argument("--top", type=int, default=None, metavar="K")
+    p.add_argument("--format", choices=("table", "csv", "json"), default="table")
+    _workspace_arg(p)
+
+    p = sub.add_parser("best", help="the best trial's config as YAML for `dreamsweep train`")
+    p.add_argument("name")
+    p.add_argument("--output", default=None, metavar="FILE", help="write it here instead of stdout")
+    _workspace_arg(p)
+
+    p = sub.add_parser("list", help="the sweeps in the workspace")
+    _workspace_arg(p)
+    return parser
+
+
+def cmd_train(args) -> int:
+    from trainers.config import load_train_config
+    from trainers.train import train
+
+    config = load_train_config(args.config, args.overrides)
+    result = train(config, resume_from=args.resume)
+    shown = ", ".join(f"{k}={v:.4g}" for k, v in sorted(result.final_metrics.items()))
+    print(f"done: {result.output_dir}  {shown}")
+    return 0
+
+
+def cmd_submit(args) -> int:
+    from orchestrator.sweep import submit
+
+    outcome = submit(args.spec, name=args.name, workspace=args.workspace, resume_existing=args.resume)
+    return _print_outcome(outcome)
+
+
+def cmd_resume(args) -> int:
+    from orchestrator.sweep import resume
+
+    return _print_outcome(resume(args.name, workspace=args.workspace))
+
+
+def _print_outcome(outcome) -> int:
+    best = (
+        f"best trial {outcome.best_trial}: {outcome.best_value:.6g}"
+        if outcome.best_trial is not None
+        else "no trial finished"
+    )
+    print(f"sweep {outcome.name}: {outcome.complete} complete, {outcome.failed} failed; {best}")
+    print(f"next: dreamsweep compare {outcome.name}  |  dreamsweep best {outcome.name} --output best.yaml")
+    return 0 if outcome.complete else 1
+
+
+def cmd_status(args) -> int:
+    from orchestrator.report import format_rows, status
+    from orchestrator.workspace import Workspace
+
+    print(format_rows(status(args.name, Workspace(args.workspace)), STATUS_COLUMNS, args.format))
+    return 0
+
+
+def cmd_compare(args) -> int:
+    from orchestrator.report import compare, format_rows
+    from orchestrator.workspace import Workspace
+
+    print(
+        format_rows(compare(args.name, Workspace(args.workspace), top=args.top), COMPARE_COLUMNS, args.format)
+    )
+    return 0
+
+
+def cmd_best(args) -> int:
+    from orchestrator.report import best_config_yaml
+    from orchestrator.workspace import Workspace
+
+    text = best_config_yaml(args.name, Workspace(args.workspace))
+    if args.output:
+        Path(args.output).write_text(text)
+        print(f"wrote {args.output}; train it with: dreamsweep train {args.output}")
+    else:
+        sys.stdout.write(text)
+    return 0
+
+
+def cmd_list(args) -> int:
+    from orchestrator.workspace import Workspace
+
+    workspace = Workspace(args.workspace)
+    names = workspace.sweeps()
+    print("\n".join(names) if names else f"no sweeps in {workspace.root}")
+    return 0
+
+
+COMMANDS = {
+    "train": cmd_train,
+    "submit": cmd_submit,
+    "resume": cmd_resume,
+    "status": cmd_status,
+    "compare": cmd_compare,
+    "best": cmd_best,
+    "list": cmd_list,
+}
+
+
+def quiet_libraries() -> None:
+    """The console is dreamsweep's: MLflow's table creation and Optuna's per-trial INFO lines are noise."""
+    import logging
+
+    for name in ("mlflow", "alembic", "optuna"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    quiet_libraries()
+    from orchestrator.sweep import SweepExistsError
+    from orchestrator.workspace import UnknownSweepError
+
+    try:
+        return COMMANDS[args.command](args)
+    except (ConfigError, UnknownSweepError, SweepExistsError, LookupError) as exc:
+        print(f"dreamsweep {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,65 @@
+"""Which Ray cluster a sweep runs on. Local by default; `address` joins an existing cluster.
+
+`dreamsweep submit --address ray://head:10001` (the clusters issue) only has to fill `address`;
+everything below already takes it. Logical GPUs (`num_gpus` on a CPU machine) let Ray schedule
+GPU-owning trials without a GPU, which is how the tests exercise GPU scheduling.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from pydantic import field_validator
+
+from trainers.config_base import ConfigBase, ConfigError, build_config, load_yaml
+
+
+class ClusterConfig(ConfigBase):
+    # None: start a local Ray instance in this process; "auto" or "ray://host:port": join a cluster.
+    address: str | None = None
+    # Local instance only: the CPUs / GPUs Ray may schedule (None: what the machine has). GPUs may be
+    # declared without hardware: Ray treats them as logical resources.
+    num_cpus: int | None = None
+    num_gpus: float | None = None
+    include_dashboard: bool = False
+    # Forward workers' stdout/stderr to the console. Off: the live progress view is the console.
+    log_to_driver: bool = False
+
+    @field_validator("num_cpus", "num_gpus")
+    @classmethod
+    def _non_negative(cls, value, info):
+        if value is not None and value < 0:
+            raise ValueError(f"cluster.{info.field_name} must be >= 0")
+        return value
+
+
+def load_cluster(source: str | Path | dict[str, Any] | None) -> ClusterConfig:
+    if source is None:
+        return ClusterConfig()
+    if isinstance(source, dict):
+        return build_config(ClusterConfig, source, where="cluster")
+    path = Path(source)
+    if not path.suffix and not path.is_file():  # a name: one of the project's clusters/*.yaml
+        path = Path(__file__).resolve().parents[1] / "clusters" / f"{source}.yaml"
+    if not path.is_file():
+        raise ConfigError(f"cluster: {str(path)!r} does not exist (a clusters/*.yaml file or a mapping)")
+    return build_config(ClusterConfig, load_yaml(path), where=str(path))
+
+
+def init_ray(cluster: ClusterConfig) -> None:
+    """Start or join Ray unless this process is already connected (tests share one instance)."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    if cluster.address is not None:
+        ray.init(address=cluster.address, log_to_driver=cluster.log_to_driver)
+        return
+    ray.init(
+        num_cpus=cluster.num_cpus,
+        num_gpus=cluster.num_gpus,
+        include_dashboard=cluster.include_dashboard,
+        log_to_driver=cluster.log_to_driver,
+        configure_logging=False,
+    )

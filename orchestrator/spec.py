@@ -1,0 +1,448 @@
+"""The sweep spec: one YAML schema for prompt fan-outs and searches, validated before Ray starts.
+
+    spec = load_sweep_spec("sweeps/quickstart.yaml")          # SpecError names the field path
+
+Two kinds from one schema:
+- `fanout`: one fixed config (base + overrides) over many prompts, one trial per prompt;
+- `search`: each trial is one config from `search.space`, evaluated on the whole prompt panel, its
+  objective aggregated over the panel.
+
+Every check that can be made without Ray is made here (including building the trainer's config at the
+corners of the search space and checking the objective against the metrics the trainer reports), so
+a bad spec fails in a second instead of after a cluster has started.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import Field, field_validator, model_validator
+
+from trainers.config_base import ConfigBase, ConfigError, build_config, load_yaml
+
+SAMPLERS = ("tpe", "cmaes", "gp", "random", "grid")
+# Keys the timestep pair owns: searched independently they could violate T_min < T_max.
+TIMESTEP_KEYS = ("guidance.t_min", "guidance.t_max")
+
+
+class SpecError(ConfigError):
+    """A sweep spec that cannot run. The message names the field path, the value and what is allowed."""
+
+
+# ---------------------------------------------------------------------------------------------------
+# Prompts
+
+
+class PromptSelection(ConfigBase):
+    """At most one of: the first N, a seeded sample of N, explicit indices (into the source's order)."""
+
+    first: int | None = None
+    sample: int | None = None
+    seed: int = 0
+    indices: list[int] | None = None
+
+    @field_validator("first", "sample")
+    @classmethod
+    def _positive(cls, value: int | None, info) -> int | None:
+        if value is not None and value < 1:
+            raise ValueError(f"must be >= 1 (got {value})")
+        return value
+
+    @model_validator(mode="after")
+    def _one_rule(self) -> PromptSelection:
+        given = [name for name in ("first", "sample", "indices") if getattr(self, name) is not None]
+        if len(given) > 1:
+            raise ValueError(f"prompts.select: give one of first, sample, indices (got {', '.join(given)})")
+        return self
+
+
+class PromptSource(ConfigBase):
+    """Inline `items`, or a `path` to a library JSON ({"train","val","test"}), a .txt, .csv, .parquet or .arrow."""
+
+    items: list[str] | None = None
+    path: str | None = None
+    split: str = "train"  # library JSON only
+    column: str = "prompt"  # table files only
+    select: PromptSelection = PromptSelection()
+
+    @model_validator(mode="after")
+    def _one_source(self) -> PromptSource:
+        if (self.items is None) == (self.path is None):
+            raise ValueError(
+                "prompts: give either items (an inline list) or path (a library JSON, .txt, .csv, .parquet)"
+            )
+        if self.items is not None and not self.items:
+            raise ValueError("items is empty: list at least one prompt")
+        return self
+
+
+# ---------------------------------------------------------------------------------------------------
+# Search space
+
+
+class FloatParam(ConfigBase):
+    type: Literal["float"] = "float"
+    low: float
+    high: float
+    log: bool = False
+    step: float | None = None
+
+    @model_validator(mode="after")
+    def _bounds(self) -> FloatParam:
+        if not self.low < self.high:
+            raise ValueError(f"low ({self.low}) must be < high ({self.high})")
+        if self.log and self.low <= 0:
+            raise ValueError(f"log=true needs low > 0 (got {self.low})")
+        if self.log and self.step is not None:
+            raise ValueError("log=true and step cannot be combined (Optuna samples one or the other)")
+        return self
+
+
+class IntParam(ConfigBase):
+    type: Literal["int"] = "int"
+    low: int
+    high: int  # inclusive, as in Optuna
+    log: bool = False
+    step: int = 1
+
+    @model_validator(mode="after")
+    def _bounds(self) -> IntParam:
+        if not self.low < self.high:
+            raise ValueError(f"low ({self.low}) must be < high ({self.high})")
+        if self.log and self.low <= 0:
+            raise ValueError(f"log=true needs low > 0 (got {self.low})")
+        return self
+
+
+class CategoricalParam(ConfigBase):
+    type: Literal["categorical"] = "categorical"
+    choices: list[Any]
+
+    @field_validator("choices")
+    @classmethod
+    def _non_empty(cls, value: list[Any]) -> list[Any]:
+        if len(value) < 1:
+            raise ValueError("choices is empty: list at least one value")
+        for choice in value:
+            if not isinstance(choice, str | int | float | bool | type(None)):
+                raise ValueError(f"choices must be numbers, strings, booleans or null (got {choice!r})")
+        return value
+
+
+Param = Annotated[FloatParam | IntParam | CategoricalParam, Field(discriminator="type")]
+
+
+class TimestepPair(ConfigBase):
+    """T_min and T_max searched together: T_max = T_min + gap, so T_min < T_max for every sample."""
+
+    t_min: tuple[float, float]
+    gap: tuple[float, float]
+
+    @model_validator(mode="after")
+    def _bounds(self) -> TimestepPair:
+        (lo, hi), (gap_lo, gap_hi) = self.t_min, self.gap
+        if not 0 <= lo < hi <= 1:
+            raise ValueError(f"t_min must be [low, high] with 0 <= low < high <= 1 (got {list(self.t_min)})")
+        if not 0 < gap_lo < gap_hi:
+            raise ValueError(
+                f"gap must be [low, high] with 0 < low < high, so that T_min < T_max (got {list(self.gap)})"
+            )
+        if hi + gap_hi > 1:
+            raise ValueError(
+                f"t_min high + gap high = {hi + gap_hi:g} exceeds 1 (T_max is a fraction of the prior's timesteps)"
+            )
+        return self
+
+
+class SearchConfig(ConfigBase):
+    space: dict[str, Param] = {}
+    timesteps: TimestepPair | None = None
+    sampler: str = "tpe"
+    seed: int = 0
+    # TPE / GP random start-up trials (Optuna's n_startup_trials); None: Optuna's default.
+    n_startup_trials: int | None = None
+
+    @field_validator("sampler")
+    @classmethod
+    def _known_sampler(cls, value: str) -> str:
+        if value not in SAMPLERS:
+            raise ValueError(f"{value!r} is not a sampler; allowed: {', '.join(SAMPLERS)}")
+        return value
+
+    @field_validator("space")
+    @classmethod
+    def _no_lone_timesteps(cls, value: dict[str, Any]) -> dict[str, Any]:
+        for key in TIMESTEP_KEYS:
+            if key in value:
+                raise ValueError(
+                    f"{key} cannot be searched on its own (T_min < T_max would not hold for every sample); "
+                    "use search.timesteps: {t_min: [low, high], gap: [low, high]}"
+                )
+        return value
+
+    def is_empty(self) -> bool:
+        return not self.space and self.timesteps is None
+
+
+# ---------------------------------------------------------------------------------------------------
+# The rest
+
+
+class Objective(ConfigBase):
+    metric: str = "train/loss"
+    mode: Literal["min", "max"] = "min"
+    # How a search trial's panel of prompts becomes one number.
+    aggregate: Literal["mean", "median", "min", "max"] = "mean"
+
+
+class Resources(ConfigBase):
+    gpus: float = 0.0  # fractions share a GPU between trials (e.g. 0.5: two trials per GPU)
+    cpus: float = 1.0
+
+    @field_validator("gpus", "cpus")
+    @classmethod
+    def _non_negative(cls, value: float, info) -> float:
+        if value < 0 or not math.isfinite(value):
+            raise ValueError(f"must be a finite number >= 0 (got {value})")
+        return value
+
+    @model_validator(mode="after")
+    def _something(self) -> Resources:
+        if self.cpus == 0 and self.gpus == 0:
+            raise ValueError("resources: a trial needs cpus > 0 or gpus > 0")
+        if self.gpus > 1 and self.gpus != int(self.gpus):
+            raise ValueError(f"resources.gpus above 1 must be a whole number (got {self.gpus})")
+        return self
+
+
+class Asha(ConfigBase):
+    """ASHA over training steps (Ray's ASHAScheduler, time_attr = the trial's global step)."""
+
+    grace_period: int = 10
+    reduction_factor: float = 2.0
+    max_t: int | None = None  # None: the trial's total steps
+
+    @field_validator("grace_period")
+    @classmethod
+    def _grace_positive(cls, value: int) -> int:
+        if value < 1:
+            raise ValueError(f"must be >= 1 step (got {value})")
+        return value
+
+    @field_validator("reduction_factor")
+    @classmethod
+    def _factor(cls, value: float) -> float:
+        if value <= 1:
+            raise ValueError(f"must be > 1 (got {value})")
+        return value
+
+
+class Storage(ConfigBase):
+    """Where the stores live; None: inside the workspace (SQLite files and a local directory)."""
+
+    optuna: str | None = None  # an Optuna storage URL, e.g. postgresql://user@host/db
+    mlflow: str | None = None  # an MLflow tracking URI, e.g. http://mlflow:5000
+    tune: str | None = None  # a Tune storage path: a shared file system or s3://bucket/prefix
+
+
+class SweepSpec(ConfigBase):
+    name: str
+    trainer: Literal["per-prompt"] = "per-prompt"  # "amortized" arrives with its issue
+    kind: Literal["fanout", "search"] = "search"
+    # The trainer config: a YAML path (relative to the spec file) or an inline mapping; None: defaults.
+    base: str | dict[str, Any] | None = None
+    overrides: dict[str, Any] = {}  # dotted trainer keys -> values, applied on top of `base`
+    prompts: PromptSource
+    search: SearchConfig = SearchConfig()
+    objective: Objective = Objective()
+    trials: int | None = None  # search: required; fanout: the number of prompts (may be omitted)
+    max_concurrent: int = 1
+    resources: Resources = Resources()
+    early_stopping: Asha | None = None
+    retries: int = 1  # re-runs of a failed trial, from its last checkpoint
+    storage: Storage = Storage()
+    # The Ray cluster: a clusters/*.yaml path or an inline mapping (see orchestrator.cluster).
+    cluster: str | dict[str, Any] | None = None
+
+    @field_validator("name")
+    @classmethod
+    def _name_usable(cls, value: str) -> str:
+        allowed = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.")
+        if not value or not set(value) <= allowed or value.startswith("."):
+            raise ValueError(
+                f"name {value!r} must be non-empty letters, digits, '-', '_' or '.' (it names files)"
+            )
+        return value
+
+    @field_validator("trials")
+    @classmethod
+    def _trials_positive(cls, value: int | None) -> int | None:
+        if value is not None and value < 1:
+            raise ValueError(f"must be >= 1 (got {value})")
+        return value
+
+    @field_validator("max_concurrent")
+    @classmethod
+    def _concurrent_positive(cls, value: int) -> int:
+        if value < 1:
+            raise ValueError(f"must be >= 1 (got {value})")
+        return value
+
+    @field_validator("retries")
+    @classmethod
+    def _retries_non_negative(cls, value: int) -> int:
+        if value < 0:
+            raise ValueError(f"must be >= 0 (got {value})")
+        return value
+
+    @model_validator(mode="after")
+    def _kind_consistent(self) -> SweepSpec:
+        if self.kind == "search":
+            if self.search.is_empty():
+                raise ValueError(
+                    "search.space: a search sweep needs at least one parameter (or search.timesteps)"
+                )
+            if self.trials is None:
+                raise ValueError("trials: a search sweep needs the number of trials")
+        elif not self.search.is_empty():
+            raise ValueError(
+                "search.space: a fanout sweep runs one fixed config; put fixed values in overrides"
+            )
+        return self
+
+    def searched_keys(self) -> list[str]:
+        keys = list(self.search.space)
+        if self.search.timesteps is not None:
+            keys += list(TIMESTEP_KEYS)
+        return keys
+
+
+# ---------------------------------------------------------------------------------------------------
+# Loading and the checks that need the trainer and the prompt source
+
+
+def load_sweep_spec(
+    source: str | Path | dict[str, Any], name: str | None = None, check: bool = True
+) -> SweepSpec:
+    """A spec YAML path or mapping -> SweepSpec. Relative paths inside are resolved against the file's folder."""
+    if isinstance(source, dict):
+        data, where, root = dict(source), "the sweep spec", Path.cwd()
+    else:
+        path = Path(source)
+        try:
+            data = load_yaml(path)
+        except ConfigError as exc:
+            raise SpecError(str(exc)) from None
+        except yaml.YAMLError as exc:
+            raise SpecError(f"sweep spec {str(path)!r} is not valid YAML: {exc}") from None
+        where, root = str(path), path.resolve().parent
+    if name is not None:
+        data["name"] = name
+    try:
+        spec = build_config(SweepSpec, data, where=where)
+    except ConfigError as exc:
+        raise SpecError(str(exc)) from None
+    spec = _resolve_paths(spec, root)
+    if check:
+        check_spec(spec)
+    return spec
+
+
+def _resolve_paths(spec: SweepSpec, root: Path) -> SweepSpec:
+    def absolute(value: str) -> str:
+        path = Path(value).expanduser()
+        return str(path if path.is_absolute() else (root / path).resolve())
+
+    update: dict[str, Any] = {}
+    if isinstance(spec.base, str):
+        update["base"] = absolute(spec.base)
+    if spec.prompts.path is not None:
+        update["prompts"] = spec.prompts.model_copy(update={"path": absolute(spec.prompts.path)})
+    if isinstance(spec.cluster, str) and ("/" in spec.cluster or spec.cluster.endswith(".yaml")):
+        update["cluster"] = absolute(spec.cluster)
+    return spec.model_copy(update=update)
+
+
+def check_spec(spec: SweepSpec) -> None:
+    """The checks that read files or the trainer's schema. Raises SpecError with the field path."""
+    from orchestrator.prompts import load_prompts
+    from orchestrator.space import corner_params, resolve_params
+    from trainers.config import TrainConfig, load_train_config
+    from trainers.config_base import valid_keys
+    from trainers.train import reported_metrics
+
+    if isinstance(spec.base, str) and not Path(spec.base).is_file():
+        raise SpecError(f"base: trainer config {spec.base!r} does not exist")
+    try:
+        prompts = load_prompts(spec.prompts)
+    except (OSError, ValueError) as exc:
+        raise SpecError(str(exc)) from None
+
+    if spec.kind == "fanout" and spec.trials is not None and spec.trials != prompts.num_rows:
+        raise SpecError(
+            f"trials: a fanout sweep runs one trial per prompt ({prompts.num_rows} selected); "
+            f"got trials={spec.trials} (omit it)"
+        )
+    known = set(valid_keys(TrainConfig))
+    for key in spec.search.space:
+        if key not in known:
+            import difflib
+
+            close = difflib.get_close_matches(key, sorted(known), n=1, cutoff=0.5)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise SpecError(f"search.space.{key}: not a trainer config key{hint}")
+        if key in ("prompt", "output_dir"):
+            raise SpecError(f"search.space.{key}: set by the sweep itself, it cannot be searched")
+    for key in spec.overrides:
+        if key in ("prompt", "output_dir"):
+            raise SpecError(f"overrides.{key}: set by the sweep itself (prompts come from `prompts`)")
+
+    first_prompt = str(prompts.column("prompt")[0])
+    base = base_config_dict(spec)
+    # Build the trainer's config at every corner of the space: a bad value or combination
+    # (a learning rate below 0, a method the trainer lacks) fails now, with the trainer's own message.
+    config = None
+    for params in corner_params(spec):
+        try:
+            config = load_train_config(
+                base, {**spec.overrides, **resolve_params(params), "prompt": first_prompt}
+            )
+        except ConfigError as exc:
+            shown = ", ".join(f"{k}={v!r}" for k, v in params.items())
+            at = f" at the search-space corner {shown}" if shown else ""
+            raise SpecError(f"overrides/search.space: the trainer refuses the config{at}: {exc}") from None
+    assert config is not None
+    reported = reported_metrics(config)
+    if spec.objective.metric not in reported:
+        raise SpecError(
+            f"objective.metric {spec.objective.metric!r} is never reported by the trainer for this config; "
+            f"allowed: {', '.join(sorted(reported))}"
+        )
+    if spec.search.sampler == "cmaes":
+        try:
+            import cmaes  # noqa: F401
+        except ImportError:
+            raise SpecError("search.sampler 'cmaes' needs the cmaes package: pip install cmaes") from None
+    if spec.search.sampler == "grid":
+        from orchestrator.space import grid_values
+
+        grid_values(spec)  # raises SpecError for parameters without a finite grid
+
+
+def base_config_dict(spec: SweepSpec) -> dict[str, Any]:
+    if spec.base is None:
+        return {}
+    if isinstance(spec.base, dict):
+        return dict(spec.base)
+    return load_yaml(spec.base)
+
+
+def spec_to_dict(spec: SweepSpec) -> dict[str, Any]:
+    return spec.model_dump(mode="json", exclude_none=True)
+
+
+def save_spec(spec: SweepSpec, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(spec_to_dict(spec), sort_keys=False))

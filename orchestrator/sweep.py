@@ -1,0 +1,171 @@
+"""Submit and resume sweeps: the path from a spec file to a finished, consistent sweep.
+
+    submit("sweeps/quickstart.yaml", workspace="ws")     # validate, register, run on Ray
+    resume("quickstart", workspace="ws")                  # after a kill -9, a crash, a Ctrl-C
+
+At the end (of a submit or a resume) the three stores are made to agree with Tune's view: no Optuna
+trial left RUNNING, every child run in a terminal state, the parent run with its plots and FINISHED.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+from mlflow.tracking import MlflowClient
+
+from orchestrator import tracking
+from orchestrator.cluster import init_ray, load_cluster
+from orchestrator.progress import SweepProgress
+from orchestrator.prompts import load_prompts
+from orchestrator.space import optuna_space
+from orchestrator.spec import SweepSpec, base_config_dict, load_sweep_spec, spec_to_dict
+from orchestrator.trainable import SweepContext
+from orchestrator.tuner import build_tuner, can_restore, experiment_path, optuna_storage, restore_tuner
+from orchestrator.workspace import SweepRecord, Workspace
+
+
+class SweepExistsError(FileExistsError):
+    """Submitting a name that exists: Ray's restore would otherwise overwrite its experiment state."""
+
+
+@dataclass
+class SweepOutcome:
+    name: str
+    complete: int
+    failed: int
+    best_trial: int | None
+    best_value: float | None
+
+
+def submit(
+    spec_source: Any,
+    *,
+    name: str | None = None,
+    workspace: str | Workspace | None = None,
+    resume_existing: bool = False,
+    address: str | None = None,
+    runtime: dict[str, Any] | None = None,
+) -> SweepOutcome:
+    """Validate `spec_source` (a path or a mapping) before Ray starts, register the sweep, run it.
+
+    `runtime` overrides SweepContext fields for this sweep and its resumes (the tests' fake trainer)."""
+    ws = workspace if isinstance(workspace, Workspace) else Workspace(workspace)
+    spec = load_sweep_spec(spec_source, name=name)
+    stores = ws.stores_for(spec)
+    if ws.exists(spec.name) or can_restore(stores.tune_path, spec.name):
+        if resume_existing:
+            return resume(spec.name, workspace=ws, address=address)
+        raise SweepExistsError(
+            f"a sweep named {spec.name!r} already exists in {ws.root}: `dreamsweep resume {spec.name}` "
+            "continues it, `--name NEW` starts another (submitting again would overwrite its Ray state)"
+        )
+    client = MlflowClient(stores.mlflow_uri)
+    experiment_id = tracking.ensure_experiment(client, spec.name, stores.mlflow_artifacts)
+    prompts = load_prompts(spec.prompts)
+    space = optuna_space(spec, prompts.num_rows)
+    parent = tracking.start_parent_run(client, experiment_id, spec.name, spec_to_dict(spec), space)
+    record = SweepRecord(
+        spec.name, stores, experiment_id=experiment_id, parent_run_id=parent, extra=dict(runtime or {})
+    )
+    ws.register(spec, record)
+    return _run(spec, record, restore=False, address=address)
+
+
+def resume(
+    name: str, *, workspace: str | Workspace | None = None, address: str | None = None
+) -> SweepOutcome:
+    ws = workspace if isinstance(workspace, Workspace) else Workspace(workspace)
+    record = ws.record(name)  # UnknownSweepError lists the sweeps that exist
+    spec = ws.spec(name)
+    restore = can_restore(record.stores.tune_path, name)
+    return _run(spec, record, restore=restore, address=address)
+
+
+def make_context(spec: SweepSpec, record: SweepRecord, prompts: list[str]) -> SweepContext:
+    context = SweepContext(
+        sweep=spec.name,
+        kind=spec.kind,
+        prompts=prompts,
+        base=base_config_dict(spec),
+        overrides=dict(spec.overrides),
+        objective_metric=spec.objective.metric,
+        objective_mode=spec.objective.mode,
+        aggregate=spec.objective.aggregate,
+        mlflow_uri=record.stores.mlflow_uri,
+        experiment_id=record.experiment_id,
+        parent_run_id=record.parent_run_id,
+        git_commit=tracking.git_commit(),
+    )
+    return dataclasses.replace(context, **record.extra)
+
+
+def _run(spec: SweepSpec, record: SweepRecord, *, restore: bool, address: str | None) -> SweepOutcome:
+    from trainers.config import load_train_config
+
+    prompts = [str(p) for p in load_prompts(spec.prompts).column("prompt").to_pylist()]
+    context = make_context(spec, record, prompts)
+    panel = 1 if spec.kind == "fanout" else len(prompts)
+    steps_per_trial = (
+        panel * load_train_config(context.base, {**context.overrides, **context.extra_overrides}).max_steps
+    )
+
+    cluster = load_cluster(spec.cluster)
+    if address is not None:
+        cluster = cluster.model_copy(update={"address": address})
+    client = MlflowClient(record.stores.mlflow_uri)
+    tracking.reopen_run(client, record.parent_run_id)
+    init_ray(cluster)
+    if restore:
+        tuner = restore_tuner(spec, context, record.stores.tune_path)
+    else:
+        total = len(prompts) if spec.kind == "fanout" else spec.trials
+        progress = SweepProgress(
+            spec.name,
+            total,
+            spec.objective.mode,
+            mlflow_uri=record.stores.mlflow_uri,
+            experiment_id=record.experiment_id,
+            parent_run_id=record.parent_run_id,
+        )
+        tuner = build_tuner(
+            spec, context, record.stores.tune_path, record.stores.optuna_url, [progress], steps_per_trial
+        )
+    tuner.fit()
+    return finalize(spec, record)
+
+
+def finalize(spec: SweepSpec, record: SweepRecord) -> SweepOutcome:
+    """Make Optuna and MLflow agree with Tune's final view of the trials."""
+    import optuna
+    from optuna.trial import TrialState
+    from ray.tune import ExperimentAnalysis
+
+    analysis = ExperimentAnalysis(experiment_path(record.stores.tune_path, spec.name))
+    final_status = {
+        t.trial_id: (
+            "FINISHED" if t.status == "TERMINATED" else "FAILED" if t.status == "ERROR" else "KILLED"
+        )
+        for t in analysis.trials
+    }
+    study = optuna.load_study(study_name=spec.name, storage=optuna_storage(record.stores.optuna_url))
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        study.tell(trial.number, state=TrialState.FAIL)  # the sweep has ended: nothing can still run
+
+    client = MlflowClient(record.stores.mlflow_uri)
+    tracking.close_stale_runs(client, record.experiment_id, final_status)
+    tracking.log_study_plots(client, record.parent_run_id, study)
+    complete = [t for t in study.get_trials(deepcopy=False) if t.state == TrialState.COMPLETE]
+    failed = sum(1 for status in final_status.values() if status == "FAILED")
+    best_trial = best_value = None
+    if complete:
+        best = (
+            min(complete, key=lambda t: t.value)
+            if spec.objective.mode == "min"
+            else max(complete, key=lambda t: t.value)
+        )
+        best_trial, best_value = best.number, best.value
+        client.log_metric(record.parent_run_id, "best/objective_final", float(best.value))
+    client.set_terminated(record.parent_run_id, status="FINISHED" if complete else "FAILED")
+    return SweepOutcome(spec.name, len(complete), failed, best_trial, best_value)

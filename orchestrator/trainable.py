@@ -1,0 +1,301 @@
+"""The Tune function trainable: one trial = one config on one prompt (fan-out) or on a panel (search).
+
+    tune.with_parameters(run_trial, context=SweepContext(...))
+
+- The diffusion prior is the expensive object: it is loaded once per worker process and kept in a
+  module-level cache that outlives the trial, so with `reuse_actors` a sweep of N trials on W workers
+  loads it W times.
+- The trainer's metrics go to the trial's MLflow run (with their steps) and, summarised, to Tune
+  (`objective`, `step`) for the searcher and ASHA. The trainer's checkpoints are reported to Tune, which
+  restores them after a failure or a `dreamsweep resume`.
+- Tune reports are synchronous round trips with the driver, so a trial reports at most every
+  `report_every_s` seconds and at every checkpoint, not at every logged step.
+
+A search trial trains its prompts one after another; its Tune checkpoint is the current prompt's
+trainer checkpoint plus `panel.json` (which prompt, the finished prompts' objectives), so a resumed
+trial skips the prompts it finished and continues the current one at its step.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import shutil
+import statistics
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import ray
+from ray import tune
+
+from orchestrator import tracking
+from orchestrator.space import PROMPT_INDEX, resolve_params
+
+OPTUNA_TRIAL_KEY = "_optuna_trial"  # injected into each trial's config by orchestrator.tuner.SweepSearch
+PANEL_FILE = "dreamsweep_panel.json"
+OBJECTIVE, STEP = "objective", "step"
+
+# Per worker process: prior config -> loaded prior, and how many loads this process has made.
+_PRIOR_CACHE: dict[str, Any] = {}
+PRIOR_LOADS = {"count": 0}
+_CLIENTS: dict[str, Any] = {}
+
+
+@dataclass
+class SweepContext:
+    """What every trial of a sweep shares (picklable; sent once with `tune.with_parameters`)."""
+
+    sweep: str
+    kind: str
+    prompts: list[str]
+    base: dict[str, Any]
+    overrides: dict[str, Any]
+    objective_metric: str
+    objective_mode: str
+    aggregate: str
+    mlflow_uri: str
+    experiment_id: str
+    parent_run_id: str
+    git_commit: str = "unknown"
+    report_every_s: float = 2.0
+    # "module:function" of the training function and the prior loader: the real trainer by default,
+    # a fast fake in the orchestrator's plumbing tests.
+    train_fn: str = "trainers.train:train"
+    load_prior_fn: str = "trainers.priors:load_prior"
+    extra_overrides: dict[str, Any] = field(default_factory=dict)
+
+
+def import_function(path: str) -> Callable:
+    module, _, name = path.partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def cached_prior(context: SweepContext, config) -> Any:
+    """The prior for this config, loaded at most once per worker process."""
+    from trainers.priors import resolve_device
+
+    device = resolve_device(config.device)
+    key = json.dumps(
+        [config.prior.model_dump(mode="json"), str(device), context.load_prior_fn], sort_keys=True
+    )
+    if key not in _PRIOR_CACHE:
+        _PRIOR_CACHE[key] = import_function(context.load_prior_fn)(config.prior, device)
+        PRIOR_LOADS["count"] += 1
+    return _PRIOR_CACHE[key]
+
+
+def cached_client(uri: str):
+    """One MlflowClient per worker process: opening a SQLite store checks its schema (seconds)."""
+    import mlflow
+
+    if uri not in _CLIENTS:
+        _CLIENTS[uri] = mlflow.MlflowClient(uri)
+    return _CLIENTS[uri]
+
+
+def aggregate(values: list[float], how: str) -> float:
+    return float({"mean": statistics.fmean, "median": statistics.median, "min": min, "max": max}[how](values))
+
+
+def trial_panel(context: SweepContext, params: dict[str, Any]) -> tuple[list[int], dict[str, Any]]:
+    """The prompt positions this trial trains and its trainer overrides."""
+    if context.kind == "fanout":
+        return [int(params[PROMPT_INDEX])], {**context.overrides, **context.extra_overrides}
+    overrides = {**context.overrides, **resolve_params(params), **context.extra_overrides}
+    return list(range(len(context.prompts))), overrides
+
+
+def run_trial(config: dict[str, Any], context: SweepContext) -> None:
+    """The Tune function trainable."""
+    from trainers.config import config_to_dict, load_train_config
+
+    entered = time.perf_counter()
+    params = {key: value for key, value in config.items() if key != OPTUNA_TRIAL_KEY}
+    number = config.get(OPTUNA_TRIAL_KEY)
+    tune_context = tune.get_context()
+    trial_dir = Path(tune_context.get_trial_dir())
+    panel, overrides = trial_panel(context, params)
+    configs = [
+        load_train_config(
+            context.base,
+            {**overrides, "prompt": context.prompts[i], "output_dir": str(trial_dir / f"prompt_{i:03d}")},
+        )
+        for i in panel
+    ]
+    steps_per_prompt = configs[0].max_steps
+
+    # Resume state: the Tune checkpoint (after a retry or `dreamsweep resume`) says where we were.
+    state = {"position": 0, "step": 0, "finals": [], "last_objective": None}
+    restored = tune.get_checkpoint()
+    resume_dir: Path | None = None
+    if restored is not None:
+        local = trial_dir / "restored_checkpoint"
+        shutil.rmtree(local, ignore_errors=True)  # never mix files of two restores
+        resume_dir = Path(restored.to_directory(str(local)))
+        state = json.loads((resume_dir / PANEL_FILE).read_text())
+
+    search_params = resolve_params(params) if context.kind == "search" else {}
+    identity = tracking.TrialIdentity(
+        sweep=context.sweep,
+        experiment_id=context.experiment_id,
+        parent_run_id=context.parent_run_id,
+        ray_trial_id=tune_context.get_trial_id(),
+        optuna_trial=number,
+        prompts=[context.prompts[i] for i in panel],
+        search_params=search_params,
+        git_commit=context.git_commit,
+    )
+    client = cached_client(context.mlflow_uri)
+    # Facts about the worker, reported with every result: the benchmark and tests count prior loads
+    # per process and check that each trial held the GPUs it asked for.
+    worker = {
+        "worker/prior_loads": PRIOR_LOADS["count"],
+        "worker/pid": os.getpid(),
+        "worker/num_gpus": len(ray.get_gpu_ids()),
+    }
+    found = tracking.find_trial_run(client, context.experiment_id, identity.ray_trial_id)
+    finished = tracking.finished_objective(found)
+    if finished is not None:
+        # The trial had finished, but the driver died before Tune's snapshot recorded it: its run
+        # holds the result, so report it again instead of training again.
+        tune.report({OBJECTIVE: finished, STEP: len(panel) * steps_per_prompt, **worker})
+        return
+    first = tracking.flatten_for_params(config_to_dict(configs[0]))
+    if len(panel) > 1:
+        first["prompt"] = json.dumps(identity.prompts)  # a panel trial: every prompt, not the first
+    run = tracking.TrialRun.open(client, identity, first, found=found)
+    train_fn = import_function(context.train_fn)
+    prior = cached_prior(context, configs[0])
+    worker["worker/prior_loads"] = PRIOR_LOADS["count"]
+    if resume_dir is not None:
+        run.set_tags(
+            {"dreamsweep.resumed_from": f"prompt {panel[state['position']]} at step {state['step']}"}
+        )
+
+    compute_s = 0.0  # time inside the trainer, for the overhead benchmark (orchestration = the rest)
+    try:
+        for position in range(state["position"], len(panel)):
+            cfg = configs[position]
+            resuming = resume_dir is not None and position == state["position"]
+            hooks = PromptHooks(
+                context,
+                run,
+                worker,
+                state["finals"],
+                position,
+                panel[position],
+                steps_per_prompt,
+                len(panel) > 1,
+            )
+            if resuming:
+                run.log_metrics(
+                    hooks.offset + state["step"], {"trial/resumed_at_step": float(state["step"])}, force=True
+                )
+            started = time.perf_counter()
+            result = train_fn(
+                cfg,
+                prior,
+                on_metrics=hooks.on_metrics,
+                on_checkpoint=hooks.on_checkpoint,
+                on_artifact=hooks.on_artifact,
+                resume_from=resume_dir if resuming else None,
+                progress=False,
+            )
+            compute_s += time.perf_counter() - started
+            final = result.final_metrics.get(context.objective_metric)
+            if final is None and resuming:
+                final = state.get("last_objective")  # killed after the last checkpoint: nothing left to train
+            if final is None:
+                raise RuntimeError(
+                    f"the trainer never reported the objective {context.objective_metric!r} for prompt {panel[position]}"
+                )
+            state = {
+                "position": position + 1,
+                "step": 0,
+                "finals": [*state["finals"], float(final)],
+                "last_objective": None,
+            }
+            if (Path(cfg.output_dir) / "config.yaml").exists():
+                run.log_artifact(Path(cfg.output_dir) / "config.yaml", hooks.folder("config"))
+            if result.last_checkpoint is not None:
+                run.log_artifact(Path(result.last_checkpoint), hooks.folder("checkpoint"))
+
+        value = aggregate(state["finals"], context.aggregate)
+        run.log_metrics(len(panel) * steps_per_prompt, {OBJECTIVE: value}, force=True)
+        # Finished before the last report: once Tune sees the trial complete, its run is closed, and a
+        # run the driver finds still RUNNING then can only be one that Tune stopped early.
+        run.finish("FINISHED")
+        tune.report(
+            {
+                OBJECTIVE: value,
+                STEP: len(panel) * steps_per_prompt,
+                "trial/compute_s": compute_s,
+                "trial/wall_s": time.perf_counter() - entered,
+                **worker,
+            }
+        )
+    except SystemExit:
+        run.flush()  # Tune stopped the trial (ASHA, or the sweep ended): the driver closes its run
+        raise
+    except BaseException:
+        run.set_tags({"dreamsweep.error": traceback.format_exc()[-4000:]})
+        run.finish("FAILED")  # a retry reopens it
+        raise
+
+
+class PromptHooks:
+    """The trainer's callbacks for one prompt of a trial: metrics to MLflow (at the trial's global step),
+    summaries and checkpoints to Tune."""
+
+    def __init__(self, context, run, worker, finals, position, prompt_index, steps_per_prompt, in_panel):
+        self.context, self.run, self.worker = context, run, worker
+        self.finals, self.position = list(finals), position
+        self.offset = position * steps_per_prompt
+        self.prefix = f"prompt_{prompt_index:03d}/" if in_panel else ""
+        self.current: dict[str, float] = {}
+        self.last_report = time.monotonic()
+
+    def folder(self, name: str) -> str:
+        return f"{self.prefix}{name}"
+
+    def objective_now(self) -> float | None:
+        """The panel's objective so far: finished prompts' finals and this prompt's latest value."""
+        values = list(self.finals)
+        if self.context.objective_metric in self.current:
+            values.append(self.current[self.context.objective_metric])
+        return aggregate(values, self.context.aggregate) if values else None
+
+    def report(self, step: int, checkpoint_dir: Path | None = None) -> None:
+        value = self.objective_now()
+        if value is None:  # the searcher and ASHA need the objective in every result
+            return
+        metrics = {OBJECTIVE: value, STEP: self.offset + step, **self.worker}
+        checkpoint = tune.Checkpoint.from_directory(str(checkpoint_dir)) if checkpoint_dir else None
+        self.run.flush()  # MLflow never lags behind what Tune has seen
+        tune.report(metrics, checkpoint=checkpoint)
+        self.last_report = time.monotonic()
+
+    def on_metrics(self, step: int, metrics: dict[str, float]) -> None:
+        self.current.update(metrics)
+        self.run.log_metrics(self.offset + step, {self.prefix + k: v for k, v in metrics.items()})
+        if time.monotonic() - self.last_report >= self.context.report_every_s:
+            self.report(step)
+
+    def on_checkpoint(self, step: int, path: Path) -> None:
+        panel_state = {
+            "position": self.position,
+            "step": step,
+            "finals": self.finals,
+            "last_objective": self.current.get(self.context.objective_metric),
+        }
+        (Path(path) / PANEL_FILE).write_text(json.dumps(panel_state))
+        self.report(step, Path(path))
+
+    def on_artifact(self, step: int, path: Path) -> None:
+        kind = "validation" if Path(path).parent.name == "validation" else "renders"
+        self.run.log_artifact(Path(path), self.folder(kind))

@@ -1,0 +1,139 @@
+"""`kill -9` of the sweep driver, then `dreamsweep resume`: the five promises of the issue, checked on
+the real trainer (tiny-sd, CPU) with the driver in a subprocess, through MLflow's client and Optuna."""
+
+import glob
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import mlflow
+import optuna
+import yaml
+
+from orchestrator import tracking
+from orchestrator.workspace import Workspace
+
+MAX_STEPS, CHECKPOINT_EVERY, TRIALS = 12, 2, 3
+SPEC = {
+    "name": "killed",
+    "kind": "search",
+    "base": {
+        "max_steps": MAX_STEPS,
+        "resolution": 32,
+        "geometry": {"encoding": {"n_levels": 4, "log2_hashmap_size": 12}},
+        "renderer": {"num_samples_per_ray": 8},
+        "logging": {
+            "log_every": 1,
+            "checkpoint_every": CHECKPOINT_EVERY,
+            "val_views": 1,
+            "turntable_frames": 2,
+        },
+    },
+    "prompts": {"items": ["a red cube"]},
+    "search": {"space": {"guidance.eta": {"type": "float", "low": 0.0, "high": 1.0}}, "n_startup_trials": 2},
+    "objective": {"metric": "train/loss", "mode": "min"},
+    "trials": TRIALS,
+    "max_concurrent": 2,
+    "resources": {"gpus": 1, "cpus": 1},
+    "cluster": {"num_cpus": 2, "num_gpus": 2},
+}
+
+
+def cli(*args: str) -> list[str]:
+    return [sys.executable, "-m", "orchestrator.cli", *args]
+
+
+def checkpoint_steps(ws, number: int) -> set[int]:
+    pattern = f"{ws.root}/ray_results/killed/*optuna_trial={number},*/checkpoint_*/dreamsweep_panel.json"
+    return {json.loads(open(path).read())["step"] for path in glob.glob(pattern)}
+
+
+def wait_for_kill_point(ws, process, timeout=240):
+    """Until a trial is COMPLETE and another is RUNNING with a checkpoint: the interesting moment."""
+    deadline = time.monotonic() + timeout
+    storage = f"sqlite:///{ws.root / 'optuna.db'}"
+    while time.monotonic() < deadline:
+        assert process.poll() is None, "the sweep ended before it could be killed"
+        time.sleep(0.3)
+        try:
+            trials = optuna.load_study(study_name="killed", storage=storage).trials
+        except (KeyError, Exception):
+            continue
+        done = [t.number for t in trials if t.state.name == "COMPLETE"]
+        running = {t.number: checkpoint_steps(ws, t.number) for t in trials if t.state.name == "RUNNING"}
+        # Early in a trial, so that it is still mid-training a moment later.
+        in_flight = {n: steps for n, steps in running.items() if steps and max(steps) <= MAX_STEPS // 3}
+        if done and in_flight:
+            # Tune snapshots its state every second: let it record the trial and its checkpoint.
+            time.sleep(1.2)
+            return done, {n: checkpoint_steps(ws, n) for n in in_flight}
+    raise AssertionError("no moment with a finished trial and a checkpointed running trial")
+
+
+def test_resume_after_kill_9_continues_trials_once_each_at_their_checkpoints(tmp_path):
+    spec_path = tmp_path / "spec.yaml"
+    spec_path.write_text(yaml.safe_dump(SPEC))
+    ws = Workspace(tmp_path / "ws")
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    log = open(tmp_path / "submit.log", "w")
+    driver = subprocess.Popen(
+        cli("submit", str(spec_path), "--workspace", str(ws.root)), env=env, stdout=log, stderr=log
+    )
+    done_before, in_flight = wait_for_kill_point(ws, driver)
+    kill_time_ms = time.time() * 1000
+    os.kill(driver.pid, signal.SIGKILL)
+    driver.wait()
+
+    resumed = subprocess.run(
+        cli("resume", "killed", "--workspace", str(ws.root)),
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=400,
+    )
+    assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-2000:]
+
+    record = ws.record("killed")
+    study = optuna.load_study(study_name="killed", storage=record.stores.optuna_url)
+    client = mlflow.MlflowClient(record.stores.mlflow_uri)
+    runs = {
+        int(r.data.tags[tracking.TAG_OPTUNA_TRIAL]): r
+        for r in tracking.trial_runs(client, record.experiment_id)
+    }
+
+    # 3. no stale RUNNING trial, exactly the requested number of COMPLETE ones (orphans asked just
+    # before the kill, if any, are FAIL and never counted).
+    states = [t.state.name for t in study.trials]
+    assert "RUNNING" not in states and states.count("COMPLETE") == TRIALS
+    # 4. every trial maps to exactly one run, and its metrics run once over every step. A trial the
+    # driver had started but Tune had not yet recorded (an orphan) is FAIL, its run KILLED.
+    complete = [t.number for t in study.trials if t.state.name == "COMPLETE"]
+    all_runs = tracking.trial_runs(client, record.experiment_id)
+    assert len(all_runs) == len(runs) and len({r.data.tags[tracking.TAG_RAY_TRIAL] for r in all_runs}) == len(
+        runs
+    )
+    for number in complete:
+        steps = [m.step for m in client.get_metric_history(runs[number].info.run_id, "train/loss")]
+        assert steps == list(range(1, MAX_STEPS + 1)), steps
+        assert runs[number].info.status == "FINISHED"
+    for number in set(runs) - set(complete):
+        assert study.trials[number].state.name == "FAIL" and runs[number].info.status == "KILLED"
+    # 1. completed trials were not run again.
+    for number in done_before:
+        assert runs[number].info.end_time < kill_time_ms
+        assert not client.get_metric_history(runs[number].info.run_id, "trial/resumed_at_step")
+    # 2. in-flight trials continued from a checkpoint they had written, with the same params.
+    for number, steps in in_flight.items():
+        resumed_at = [
+            m.value for m in client.get_metric_history(runs[number].info.run_id, "trial/resumed_at_step")
+        ]
+        state = (study.trials[number].state.name, runs[number].info.status, runs[number].data.tags)
+        assert resumed_at and int(resumed_at[0]) in steps | {max(steps) + CHECKPOINT_EVERY}, (
+            resumed_at,
+            steps,
+            state,
+        )
+        assert float(runs[number].data.params["guidance.eta"]) == study.trials[number].params["guidance.eta"]

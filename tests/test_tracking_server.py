@@ -1,0 +1,97 @@
+"""A whole (small) sweep on the real trainer, tracked by a real `mlflow server` on 127.0.0.1 instead of
+the SQLite store: runs, nested child runs, metrics with steps and artifacts uploaded through HTTP."""
+
+import json
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import mlflow
+import pytest
+import ray
+
+from orchestrator import tracking
+from orchestrator.report import compare
+from orchestrator.sweep import submit
+from orchestrator.workspace import Workspace
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def mlflow_server(tmp_path_factory):
+    root = tmp_path_factory.mktemp("mlflow-server")
+    port = free_port()
+    command = [
+        sys.executable, "-m", "mlflow", "server",
+        "--backend-store-uri", f"sqlite:///{root / 'server.db'}",
+        "--artifacts-destination", str(root / "artifacts"),
+        "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+    ]  # fmt: skip
+    log = open(root / "server.log", "w")
+    server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 90
+    while True:
+        try:
+            with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
+                if response.status == 200:
+                    break
+        except OSError:
+            pass
+        if server.poll() is not None or time.monotonic() > deadline:
+            server.kill()
+            pytest.fail(f"mlflow server did not start: {(root / 'server.log').read_text()[-2000:]}")
+        time.sleep(0.5)
+    yield url, root
+    server.terminate()
+    server.wait(timeout=30)
+
+
+def test_sweep_tracked_by_an_mlflow_server(mlflow_server, tmp_path):
+    url, server_root = mlflow_server
+    ws = Workspace(tmp_path / "ws")
+    spec = {
+        "name": "served",
+        "kind": "fanout",
+        "base": {
+            "max_steps": 2,
+            "resolution": 32,
+            "geometry": {"encoding": {"n_levels": 4, "log2_hashmap_size": 12}},
+            "renderer": {"num_samples_per_ray": 8},
+            "logging": {"log_every": 1, "checkpoint_every": 1, "val_views": 1, "turntable_frames": 2},
+        },
+        "prompts": {"items": ["a red cube"]},
+        "objective": {"metric": "train/loss", "mode": "min"},
+        "resources": {"gpus": 1, "cpus": 1},
+        "storage": {"mlflow": url},
+    }
+    ray.init(num_cpus=2, num_gpus=1, include_dashboard=False, log_to_driver=False)
+    try:
+        outcome = submit(spec, workspace=ws)
+    finally:
+        ray.shutdown()
+    assert outcome.complete == 1
+    assert not (ws.root / "mlflow.db").exists()  # nothing went to the local SQLite store
+
+    client = mlflow.MlflowClient(url)
+    record = ws.record("served")
+    assert record.stores.mlflow_uri == url
+    (run,) = tracking.trial_runs(client, record.experiment_id)
+    assert run.data.tags[tracking.TAG_PARENT] == record.parent_run_id
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")] == [1, 2]
+    assert run.info.artifact_uri.startswith("mlflow-artifacts:")
+    assert {a.path for a in client.list_artifacts(run.info.run_id)} >= {"renders", "checkpoint", "config"}
+    served = list(Path(server_root, "artifacts").rglob("turntable.*"))
+    assert served and served[0].stat().st_size > 0  # uploaded through the server, stored by it
+    rows = compare("served", ws)
+    assert rows[0]["run_id"] == run.info.run_id and json.loads(run.data.tags[tracking.TAG_PROMPTS]) == [
+        "a red cube"
+    ]
