@@ -20,7 +20,7 @@ UNCOND = ["a blue sphere", "a green torus", "a yellow cone"]
 
 
 def small_config(**overrides) -> ReferencePriorConfig:
-    return ReferencePriorConfig(n_views=12, uncond_prompts=UNCOND, uncond_views=6, **overrides)
+    return ReferencePriorConfig(**{"n_views": 12, "uncond_prompts": UNCOND, "uncond_views": 6, **overrides})
 
 
 @pytest.fixture(scope="module")
@@ -206,15 +206,25 @@ def test_camera_labels_favour_renders_seen_from_near_the_asked_camera(cache_dir)
     assert weights.argmax() == cosine.argmax()
 
 
-def test_unconditional_distribution_is_the_panel_plus_seen_prompts_each_weighted_equally(prior):
+def test_unconditional_distribution_is_the_fixed_panel_each_prompt_weighted_equally(prior):
     fresh = ReferencePrior(SIZE, prior.cache_dir, "cpu", small_config())
+    before = fresh.uncond_bank()
     fresh.encode_text(["a red cube, front view"])
     uncond = fresh.uncond_bank()
-    assert len(uncond.images) == len(UNCOND) * 6 + 12  # the panel's views plus the seen prompt's
+    # Asking about a new prompt leaves it unchanged: a cached prior answers the same in any trial order.
+    assert uncond is before and len(uncond.images) == len(UNCOND) * 6
     weights = uncond.log_weights.exp()
     assert math.isclose(float(weights.sum()), 1.0, rel_tol=1e-5)
-    per_prompt = [weights[i * 6 : (i + 1) * 6].sum() for i in range(len(UNCOND))] + [weights[-12:].sum()]
-    assert torch.allclose(torch.stack(per_prompt), torch.full((len(UNCOND) + 1,), 1 / (len(UNCOND) + 1)))
+    per_prompt = torch.stack([weights[i * 6 : (i + 1) * 6].sum() for i in range(len(UNCOND))])
+    assert torch.allclose(per_prompt, torch.full((len(UNCOND),), 1 / len(UNCOND)))
+
+
+def test_conditional_mode_grows_the_unconditional_set_with_seen_prompts(prior):
+    fresh = ReferencePrior(SIZE, prior.cache_dir, "cpu", small_config(uncond_prompts="conditional"))
+    fresh.encode_text(["a red cube"])
+    assert len(fresh.uncond_bank().images) == 12
+    fresh.encode_text(["a blue sphere"])
+    assert len(fresh.uncond_bank().images) == 24
 
 
 # -- with the guidance methods ---------------------------------------------------------------------------
@@ -239,6 +249,8 @@ def test_every_guidance_method_runs_on_the_reference_prior_with_finite_gradients
 
 
 def test_sds_on_the_reference_prior_turns_an_image_of_the_wrong_scene_into_the_prompts_scene(prior):
+    # The unconditional distribution holds both scenes, as the default (all single objects) does.
+    prior = ReferencePrior(SIZE, prior.cache_dir, "cpu", small_config(uncond_prompts=[*UNCOND, "a red cube"]))
     cond = prior.encode_text(["a red cube"])
     uncond = prior.encode_text([""])
     guidance = make_guidance(GuidanceConfig(method="sds", cfg_scale=7.5, t_min=0.02, t_max=0.5), prior)
@@ -267,3 +279,22 @@ def test_reference_config_names_the_field_it_refuses():
         ReferencePriorConfig(uncond_prompts="everything")
     with pytest.raises(ValueError, match="n_views"):
         ReferencePriorConfig(n_views=0)
+
+
+def test_trainer_config_keys_reach_the_reference_prior(cache_dir):
+    from trainers.config import load_train_config
+    from trainers.priors import load_prior
+
+    cfg = load_train_config(
+        None,
+        [
+            "prior.name=reference",
+            f"prior.cache_dir={cache_dir}",
+            f"prior.image_size={SIZE}",
+            "prior.reference.n_views=5",
+            "prior.reference.uncond_prompts=[a blue sphere]",
+        ],
+    )
+    prior = load_prior(cfg.prior, "cpu")
+    assert prior.cfg.n_views == 5 and prior.cfg.uncond_prompts == ["a blue sphere"]
+    assert len(prior.bank("a red cube").images) == 5

@@ -13,6 +13,7 @@ import torch
 from pydantic import field_validator
 
 from trainers.config_base import ConfigBase
+from trainers.priors.reference_config import ReferencePriorConfig
 
 
 class PriorConfig(ConfigBase):
@@ -25,6 +26,8 @@ class PriorConfig(ConfigBase):
     image_size: int | None = None
     # Where built-in priors are written once and hub downloads are cached; None: ~/.cache/dreamsweep.
     cache_dir: str | None = None
+    # Settings of `name: reference` (views cached per prompt, the unconditional set, ...); unused otherwise.
+    reference: ReferencePriorConfig = ReferencePriorConfig()
     # Offload: enable attention slicing / channels-last etc. on CUDA.
     enable_memory_efficient_attention: bool = True
 

@@ -26,80 +26,26 @@ from pathlib import Path
 
 import torch
 from diffusers import DDPMScheduler
-from pydantic import field_validator
 
-from trainers.cameras import CameraConfig, view_direction_labels
-from trainers.config_base import ConfigBase
+from trainers.cameras import view_direction_labels
 from trainers.priors import default_cache_dir
 from trainers.priors.base import DiffusionPrior, PriorConfig
+from trainers.priors.reference_config import ReferencePriorConfig
 from trainers.scenes import (
     COLOURS,
     RELATIONS,
     SHAPES,
     VIEW_LABELS,
-    SceneConfig,
     cached_scene_views,
     canonical_prompt,
-    parse_prompt,
     reference_cameras,
     scene_cache_dir,
     single_object_prompts,
     split_view_suffix,
 )
-from trainers.text_encoding import SceneTextEncoder, TextEncoderConfig
+from trainers.text_encoding import SceneTextEncoder
 
 DEFAULT_IMAGE_SIZE = 64
-
-
-class ReferencePriorConfig(ConfigBase):
-    # Cached renders per conditional prompt, drawn (quasi-randomly) from `camera`'s ranges.
-    n_views: int = 32
-    # Unconditional distribution: "singles" = the 48 single-object prompts (plus every conditional
-    # prompt the prior has seen), "conditional" = only the prompts the prior has seen, or a list.
-    uncond_prompts: str | list[str] = "singles"
-    uncond_views: int = 8
-    # A render whose view label differs from the prompt's suffix has prior weight `view_leak`
-    # (0: only matching views; 1: the suffix is ignored).
-    view_leak: float = 0.0
-    # κ of the camera weighting exp(κ·cos∠(asked camera, render camera)) when `class_labels` carry
-    # cameras; 0: ignored.
-    camera_sharpness: float = 0.0
-    scene: SceneConfig = SceneConfig()
-    camera: CameraConfig = CameraConfig()
-    text_encoder: TextEncoderConfig = TextEncoderConfig()
-
-    @field_validator("n_views", "uncond_views")
-    @classmethod
-    def _views_positive(cls, value: int, info) -> int:
-        if value < 1:
-            raise ValueError(f"reference.{info.field_name} must be >= 1")
-        return value
-
-    @field_validator("uncond_prompts")
-    @classmethod
-    def _uncond_known(cls, value: str | list[str]) -> str | list[str]:
-        if isinstance(value, str) and value not in ("singles", "conditional"):
-            raise ValueError(
-                "reference.uncond_prompts must be 'singles', 'conditional' or a list of scene prompts"
-            )
-        if isinstance(value, list):
-            for prompt in value:
-                parse_prompt(prompt)  # its ValueError names the grammar
-        return value
-
-    @field_validator("view_leak")
-    @classmethod
-    def _leak_fraction(cls, value: float) -> float:
-        if not 0 <= value <= 1:
-            raise ValueError("reference.view_leak is a weight in [0, 1]")
-        return value
-
-    @field_validator("camera_sharpness")
-    @classmethod
-    def _sharpness_non_negative(cls, value: float) -> float:
-        if value < 0:
-            raise ValueError("reference.camera_sharpness must be >= 0")
-        return value
 
 
 @dataclass
@@ -149,7 +95,10 @@ class ReferencePrior(DiffusionPrior):
         cls, cfg: PriorConfig, device: torch.device | str, reference: ReferencePriorConfig | None = None
     ) -> ReferencePrior:
         return cls(
-            cfg.image_size or DEFAULT_IMAGE_SIZE, scene_cache_dir(default_cache_dir(cfg)), device, reference
+            cfg.image_size or DEFAULT_IMAGE_SIZE,
+            scene_cache_dir(default_cache_dir(cfg)),
+            device,
+            reference if reference is not None else cfg.reference,
         )
 
     # -- renders -----------------------------------------------------------------------------------
@@ -178,7 +127,7 @@ class ReferencePrior(DiffusionPrior):
                 single_object_prompts() if spec == "singles" else [] if spec == "conditional" else list(spec)
             )
             panel = [canonical_prompt(p) for p in panel]
-            prompts = list(dict.fromkeys(panel + self._seen))
+            prompts = list(dict.fromkeys(self._seen if spec == "conditional" else panel))
             if not prompts:
                 raise RuntimeError(
                     "the reference prior has no prompts for its unconditional distribution yet"
@@ -198,7 +147,8 @@ class ReferencePrior(DiffusionPrior):
         canonical = canonical_prompt(prompt)
         if canonical not in self._seen:
             self._seen.append(canonical)
-            self._uncond = None  # the unconditional distribution now includes this prompt too
+            if self.cfg.uncond_prompts == "conditional":
+                self._uncond = None  # the unconditional distribution now includes this prompt too
         self.bank(canonical)
 
     # -- the DiffusionPrior interface ---------------------------------------------------------------
