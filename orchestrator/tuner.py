@@ -4,9 +4,21 @@ Ray does the scheduling, retries and experiment checkpointing; this module only 
 - `SweepSearch` is Ray's OptunaSearch over the persistent study named after the sweep. It adds three
   things Ray's lacks: each trial's Optuna number goes into the trial's config (so the worker can tag
   its MLflow run), a fan-out hands every prompt out exactly once (an enqueued trial per prompt index
-  not yet taken, so a prompt orphaned by a killed driver is handed out again), and on restore it fails
-  the study's RUNNING trials that Tune never recorded (asked just before a `kill -9`), so the study ends
-  with no stale RUNNING trials.
+  not yet taken, so a prompt orphaned by a killed driver is handed out again), and after a restore it
+  takes Tune's trials as they are and fails the study's RUNNING trials that no live Tune trial owns
+  (asked just before a `kill -9`), so the study ends with no stale RUNNING trials.
+- `SweepSearchGenerator` (Tune's SearchGenerator around a ConcurrencyLimiter around SweepSearch, built
+  here rather than by Tune so that it can be reconciled) makes the search state agree with the trials
+  Tune restored, before the restored run asks for a trial. Tune snapshots the trial list and the
+  search state as separate files, and uploads them from its staging folder in the background while
+  the next snapshot may already be overwriting them, so after a `kill -9` the two can come from
+  different moments: a trial count or concurrency slots ahead of the trial list (a trial never re-run
+  and never replaced), or behind it (a resumed trial whose completion never reaches the study).
+  Tune's restored trial list is what actually runs, so it is the one source of truth.
+- Also on restore, a live trial whose recorded checkpoint Tune already deleted (`num_to_keep`: the
+  deletion happens before the next snapshot reaches storage) continues from the checkpoint it wrote
+  next (`continue_from_surviving_checkpoints`); Tune would fail it ("does not exist on storage
+  anymore") and, counting it as a trial, never replace it.
 - `reuse_actors=True`: a worker process outlives its trial and keeps its cached prior.
 - Tune's experiment state is snapshotted every `EXPERIMENT_SNAPSHOT_S` seconds (instead of Tune's
   10 s default) so that a killed driver resumes each trial from the checkpoint it last reported.
@@ -16,12 +28,17 @@ from __future__ import annotations
 
 import logging
 import os
+import posixpath
+import re
 from typing import Any
 
 import optuna
+import pyarrow.fs
 from optuna.trial import TrialState
 from ray import tune
+from ray.train._internal.session import _TrainingResult
 from ray.tune.schedulers import ASHAScheduler
+from ray.tune.search import ConcurrencyLimiter, SearchGenerator
 from ray.tune.search.optuna import OptunaSearch
 
 from orchestrator.space import PROMPT_INDEX, make_sampler, optuna_space
@@ -84,26 +101,138 @@ class SweepSearch(OptunaSearch):
             if "already finished" not in str(exc):
                 raise
 
-    def restore(self, checkpoint_path: str) -> None:
-        super().restore(checkpoint_path)
-        self.fail_orphans()
+    def adopt_live_trials(self, live: dict[str, int]) -> list[int]:
+        """Own exactly Tune's live trials (Ray trial id -> Optuna trial number) and FAIL the study's
+        RUNNING trials that none of them owns. Returns the FAILed numbers.
 
-    def fail_orphans(self, live_trial_ids: set[str] | None = None) -> list[int]:
-        """FAIL the study's RUNNING trials no live Tune trial owns. Returns their numbers."""
-        owned = {
-            trial.number
-            for trial_id, trial in self._ot_trials.items()
-            if live_trial_ids is None or trial_id in live_trial_ids
-        }
+        After a restore the pickled `_ot_trials` can be older or newer than Tune's trial list (see the
+        module docstring), so each live trial's Optuna trial is found again by the number in its config."""
+        storage = self._ot_study._storage
+        study_id = storage.get_study_id_from_name(self._ot_study.study_name)
+        owned = {}
+        for trial_id, number in live.items():
+            known = self._ot_trials.get(trial_id)
+            if known is None or known.number != number:
+                known = optuna.Trial(
+                    self._ot_study, storage.get_trial_id_from_study_id_trial_number(study_id, number)
+                )
+            owned[trial_id] = known
+        self._ot_trials = owned
+        numbers = set(live.values())
         orphans = [
             t.number
             for t in self._ot_study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
-            if t.number not in owned
+            if t.number not in numbers
         ]
         for number in orphans:
             # A fan-out hands the orphan's prompt out again by itself (see _next_prompt).
             self._ot_study.tell(number, state=TrialState.FAIL)
         return orphans
+
+
+class SweepSearchGenerator(SearchGenerator):
+    """Tune's SearchGenerator over ConcurrencyLimiter(SweepSearch), reconciled with Tune's restored trials.
+
+    After `restore_from_dir` it creates no trial and does not report itself finished until
+    `reconcile` (called by `ReconcileOnRestore` at the first step, when Tune has re-queued its trials)
+    has set the trial count, the concurrency slots and the searcher's trials from Tune's trial list."""
+
+    def __init__(self, searcher: SweepSearch, max_concurrent: int):
+        super().__init__(ConcurrencyLimiter(searcher, max_concurrent=max_concurrent))
+        self._awaiting_trials = False
+
+    @property
+    def awaiting_trials(self) -> bool:
+        return self._awaiting_trials
+
+    @property
+    def sweep_search(self) -> SweepSearch:
+        return self.searcher.searcher
+
+    def restore_from_dir(self, dirpath: str) -> None:
+        super().restore_from_dir(dirpath)
+        self._awaiting_trials = True
+
+    def is_finished(self) -> bool:
+        # Until reconciled the trial count may be ahead of the trials Tune has: not finished yet.
+        return not self._awaiting_trials and super().is_finished()
+
+    def next_trial(self):
+        return None if self._awaiting_trials else super().next_trial()
+
+    def reconcile(self, trials: list) -> list[int]:
+        """Once after a restore: agree with Tune's `trials`. Returns the Optuna trials FAILed as orphans."""
+        if not self._awaiting_trials:
+            return []
+        live = {t.trial_id: int(t.config[OPTUNA_TRIAL_KEY]) for t in trials if not t.is_finished()}
+        self._counter = len(trials)  # a trial asked but never recorded by Tune is replaced
+        self.searcher.live_trials = set(live)
+        self.searcher.num_unfinished_live_trials = len(live)
+        orphans = self.sweep_search.adopt_live_trials(live)
+        self._awaiting_trials = False
+        return orphans
+
+
+_CHECKPOINT_DIR = re.compile(r"checkpoint_(\d+)$")
+
+
+def _exists(fs: pyarrow.fs.FileSystem, path: str) -> bool:
+    return fs.get_file_info(path).type != pyarrow.fs.FileType.NotFound
+
+
+def continue_from_surviving_checkpoints(trials: list) -> dict[str, str]:
+    """Point each live trial whose latest recorded checkpoint is gone at the oldest checkpoint it
+    wrote after that one. Returns {trial id: checkpoint path} for the trials changed.
+
+    Tune deletes a trial's checkpoint N when it registers N + num_to_keep, and uploads the snapshot
+    that no longer refers to N only afterwards, in the background: a `kill -9` in between leaves a
+    snapshot whose latest checkpoint is deleted. The oldest later checkpoint is then always complete
+    (Tune registered it, i.e. the worker had finished writing it, before it registered the one whose
+    registration deleted N), where the newest one may have been cut short by the kill.
+    Tune's trial bookkeeping has no public setter for this, hence `run_metadata.checkpoint_manager`."""
+    changed = {}
+    for trial in trials:
+        latest = trial.latest_checkpoint_result
+        if trial.is_finished() or latest is None:
+            continue
+        fs, path = latest.checkpoint.filesystem, latest.checkpoint.path
+        lost = _CHECKPOINT_DIR.search(posixpath.basename(path))
+        if lost is None or _exists(fs, path):
+            continue
+        later = [
+            (int(match.group(1)), info.path)
+            for info in fs.get_file_info(pyarrow.fs.FileSelector(posixpath.dirname(path)))
+            if info.type == pyarrow.fs.FileType.Directory
+            and (match := _CHECKPOINT_DIR.search(info.base_name))
+            and int(match.group(1)) > int(lost.group(1))
+        ]
+        if not later:
+            continue  # nothing to continue from: Tune reports the trial's error as it is
+        surviving = min(later)[1]
+        manager = trial.run_metadata.checkpoint_manager
+        # Drop the lost checkpoints first: registering must not try to delete them again.
+        manager._checkpoint_results = [
+            r for r in manager._checkpoint_results if _exists(r.checkpoint.filesystem, r.checkpoint.path)
+        ]
+        manager.register_checkpoint(
+            _TrainingResult(checkpoint=tune.Checkpoint(surviving, filesystem=fs), metrics=latest.metrics)
+        )
+        changed[trial.trial_id] = surviving
+    return changed
+
+
+class ReconcileOnRestore(tune.Callback):
+    """At the first step after a restore (when Tune has re-queued its trials and started none), makes
+    the trials' checkpoints and the search state agree with Tune's trial list. Tune pickles it with the
+    generator in the tuner's state, so a restored Tuner gets both back, still linked."""
+
+    def __init__(self, generator: SweepSearchGenerator):
+        self.generator = generator
+
+    def on_step_begin(self, iteration: int, trials: list, **info) -> None:
+        if self.generator.awaiting_trials:
+            continue_from_surviving_checkpoints(trials)
+            self.generator.reconcile(trials)
 
 
 def build_searcher(spec: SweepSpec, num_prompts: int, optuna_url: str) -> SweepSearch:
@@ -147,13 +276,13 @@ def build_tuner(
             reduction_factor=asha.reduction_factor,
         )
     _quiet_ray()
+    generator = SweepSearchGenerator(build_searcher(spec, num_prompts, optuna_url), spec.max_concurrent)
     return tune.Tuner(
         build_trainable(spec, context),
         tune_config=tune.TuneConfig(
-            search_alg=build_searcher(spec, num_prompts, optuna_url),
+            search_alg=generator,  # concurrency limited inside: Tune limits only a bare Searcher
             scheduler=scheduler,
             num_samples=trials,
-            max_concurrent_trials=spec.max_concurrent,
             reuse_actors=True,
         ),
         run_config=tune.RunConfig(
@@ -161,7 +290,7 @@ def build_tuner(
             storage_path=tune_path,
             failure_config=tune.FailureConfig(max_failures=spec.retries),
             checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
-            callbacks=callbacks,
+            callbacks=[*callbacks, ReconcileOnRestore(generator)],
             verbose=0,  # the console is orchestrator.progress's view, not Ray's status dump
         ),
     )

@@ -16,7 +16,10 @@ import yaml
 from orchestrator import tracking
 from orchestrator.workspace import Workspace
 
-MAX_STEPS, CHECKPOINT_EVERY, TRIALS = 12, 2, 3
+# Long enough that a trial seen at step <= MAX_STEPS // 3 is still training after the 1.2 s wait
+# below even at ~0.1 s a step (an unloaded CPU): with 12 steps it could finish first, leaving no
+# trial in flight to check promise 2 on.
+MAX_STEPS, CHECKPOINT_EVERY, TRIALS = 30, 2, 3
 SPEC = {
     "name": "killed",
     "kind": "search",
