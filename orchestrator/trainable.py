@@ -46,6 +46,14 @@ PRIOR_LOADS = {"count": 0}
 _CLIENTS: dict[str, Any] = {}
 
 
+def warm_up_worker() -> None:
+    """Ray's worker_process_setup_hook: import what every trial needs while the worker is idle."""
+    import mlflow  # noqa: F401
+
+    import trainers.train  # noqa: F401
+    from trainers.priors import stable_diffusion  # noqa: F401
+
+
 @dataclass
 class SweepContext:
     """What every trial of a sweep shares (picklable; sent once with `tune.with_parameters`)."""
