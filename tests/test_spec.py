@@ -158,3 +158,11 @@ def test_yaml_file_relative_paths_resolve_against_the_spec_folder(tmp_path):
     )
     spec = load_sweep_spec(tmp_path / "spec.yaml")
     assert spec.prompts.path == str(tmp_path / "prompts.txt")
+
+
+@pytest.mark.parametrize(
+    "path", sorted(Path(__file__).parents[1].glob("sweeps/*.yaml")), ids=lambda p: p.name
+)
+def test_every_shipped_sweep_spec_validates(path):
+    spec = load_sweep_spec(path)
+    assert spec.name == path.stem and spec.prompts is not None
