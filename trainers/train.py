@@ -20,6 +20,7 @@ import torch
 import yaml
 from tqdm.auto import tqdm
 
+from trainers import evaluation
 from trainers.cameras import (
     CameraSampler,
     orbit_cameras,
@@ -78,16 +79,8 @@ def reported_metrics(config: TrainConfig) -> set[str]:
         names.add("train/loss_sparsity")
     if config.loss.lambda_opacity > 0:
         names.add("train/loss_opacity")
-    names |= evaluation_metric_names(config)
+    names |= evaluation.metric_names(config)
     return names
-
-
-def evaluation_metric_names(config: TrainConfig) -> set[str]:
-    try:
-        from trainers import evaluation
-    except ImportError:
-        return set()
-    return set(evaluation.metric_names(config)) if hasattr(evaluation, "metric_names") else set()
 
 
 class TextConditioning:
@@ -239,13 +232,7 @@ class Trainer:
         return save_turntable(path, self.render_views(cameras)["rgb"])
 
     def evaluate(self) -> dict[str, float]:
-        """Ground-truth metrics where the prompt has a ground truth (the reference scenes)."""
-        try:
-            from trainers import evaluation
-        except ImportError:
-            return {}
-        if not hasattr(evaluation, "evaluate_trainer"):
-            return {}
+        """Ground-truth metrics where the prompt has a ground truth (the reference scenes), else {}."""
         return evaluation.evaluate_trainer(self)
 
     def close(self) -> None:
@@ -328,11 +315,11 @@ def train(
         bar.close()
 
         final = dict(last_metrics)
-        evaluation = trainer.evaluate()
-        if evaluation:
-            final |= evaluation
+        ground_truth = trainer.evaluate()
+        if ground_truth:
+            final |= ground_truth
             if on_metrics:
-                on_metrics(trainer.step, evaluation)
+                on_metrics(trainer.step, ground_truth)
         checkpoint()
         emit_artifact(trainer.save_validation(output_dir / "validation" / f"step_{trainer.step:07d}.png"))
         emit_artifact(trainer.save_turntable(output_dir / f"turntable.{log.turntable_format}"))
