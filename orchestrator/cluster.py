@@ -48,17 +48,20 @@ def load_cluster(source: str | Path | dict[str, Any] | None) -> ClusterConfig:
 
 
 def init_ray(cluster: ClusterConfig) -> None:
-    """Start or join Ray unless this process is already connected (tests share one instance)."""
+    """Start or join Ray unless this process is already connected (tests share one instance).
+
+    No worker set-up hook: Tune starts every trial actor in a new worker process (it gives trainable
+    actors a runtime_env of their own, which Ray's prestarted workers never match), so a hook that
+    imports the trainer stack only moves those imports earlier inside the same cold process, and
+    makes torch fix its thread count before Ray sets OMP_NUM_THREADS for the trial (measured with
+    tests/benchmarks/bench_sweep_overhead.py: no faster, and 7x slower trials until
+    orchestrator.trainable.match_torch_threads)."""
     import ray
 
     if ray.is_initialized():
         return
-    # Every worker process imports the trainer stack (torch, diffusers, nerfacc, mlflow: ~7 s on a
-    # small CPU) when it starts, not when its first trial does: Ray prestarts workers at init, so the
-    # imports overlap the driver's own set-up instead of delaying the first trials.
-    runtime_env = {"worker_process_setup_hook": "orchestrator.trainable.warm_up_worker"}
     if cluster.address is not None:
-        ray.init(address=cluster.address, log_to_driver=cluster.log_to_driver, runtime_env=runtime_env)
+        ray.init(address=cluster.address, log_to_driver=cluster.log_to_driver)
         return
     ray.init(
         num_cpus=cluster.num_cpus,
@@ -66,5 +69,4 @@ def init_ray(cluster: ClusterConfig) -> None:
         include_dashboard=cluster.include_dashboard,
         log_to_driver=cluster.log_to_driver,
         configure_logging=False,
-        runtime_env=runtime_env,
     )

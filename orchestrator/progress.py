@@ -64,6 +64,7 @@ class SweepProgress(tune.Callback):
         self._last_draw = 0.0
         self._last_line = ""
         self._best: dict[str, Any] | None = None
+        self._plotting_loaded = False
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
@@ -92,6 +93,10 @@ class SweepProgress(tune.Callback):
         shown = f"{value:.5g}" if isinstance(value, float) else "-"
         self._print(f"trial {number} done: objective {shown} at step {result.get(STEP, '-')}")
         if self._mlflow() is not None:
+            if not self._plotting_loaded:
+                # The driver idles while trials run: import the plotting stack now, not at the end.
+                self._plotting_loaded = True
+                self._in_background(tracking.import_plotting)
             completed = sum(1 for t in trials if t.status == "TERMINATED")
             best = dict(self._best) if self._best is not None else None
             self._in_background(self._after_complete, trial.trial_id, dict(result), completed, best)

@@ -10,6 +10,7 @@ trial left RUNNING, every child run in a terminal state, the parent run with its
 from __future__ import annotations
 
 import dataclasses
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -37,6 +38,8 @@ class SweepOutcome:
     failed: int
     best_trial: int | None
     best_value: float | None
+    # Seconds per phase of this call, driver side: "setup" (spec to Tuner), "fit" (Tune), "finalize".
+    timings: dict[str, float] = dataclasses.field(default_factory=dict)
 
 
 def submit(
@@ -51,6 +54,7 @@ def submit(
     """Validate `spec_source` (a path or a mapping) before Ray starts, register the sweep, run it.
 
     `runtime` overrides SweepContext fields for this sweep and its resumes (the tests' fake trainer)."""
+    started = time.perf_counter()
     ws = workspace if isinstance(workspace, Workspace) else Workspace(workspace)
     spec = load_sweep_spec(spec_source, name=name)
     stores = ws.stores_for(spec)
@@ -70,17 +74,18 @@ def submit(
         spec.name, stores, experiment_id=experiment_id, parent_run_id=parent, extra=dict(runtime or {})
     )
     ws.register(spec, record)
-    return _run(spec, record, restore=False, address=address)
+    return _run(spec, record, restore=False, address=address, started=started)
 
 
 def resume(
     name: str, *, workspace: str | Workspace | None = None, address: str | None = None
 ) -> SweepOutcome:
+    started = time.perf_counter()
     ws = workspace if isinstance(workspace, Workspace) else Workspace(workspace)
     record = ws.record(name)  # UnknownSweepError lists the sweeps that exist
     spec = ws.spec(name)
     restore = can_restore(record.stores.tune_path, name)
-    return _run(spec, record, restore=restore, address=address)
+    return _run(spec, record, restore=restore, address=address, started=started)
 
 
 def make_context(spec: SweepSpec, record: SweepRecord, prompts: list[str]) -> SweepContext:
@@ -101,7 +106,17 @@ def make_context(spec: SweepSpec, record: SweepRecord, prompts: list[str]) -> Sw
     return dataclasses.replace(context, **record.extra)
 
 
-def _run(spec: SweepSpec, record: SweepRecord, *, restore: bool, address: str | None) -> SweepOutcome:
+def connect(spec: SweepSpec, address: str | None) -> None:
+    """Start or join the sweep's Ray cluster (`address` overrides the spec's cluster)."""
+    cluster = load_cluster(spec.cluster)
+    if address is not None:
+        cluster = cluster.model_copy(update={"address": address})
+    init_ray(cluster)
+
+
+def _run(
+    spec: SweepSpec, record: SweepRecord, *, restore: bool, address: str | None, started: float
+) -> SweepOutcome:
     from trainers.config import load_train_config
 
     prompts = [str(p) for p in load_prompts(spec.prompts).column("prompt").to_pylist()]
@@ -111,12 +126,9 @@ def _run(spec: SweepSpec, record: SweepRecord, *, restore: bool, address: str | 
         panel * load_train_config(context.base, {**context.overrides, **context.extra_overrides}).max_steps
     )
 
-    cluster = load_cluster(spec.cluster)
-    if address is not None:
-        cluster = cluster.model_copy(update={"address": address})
+    connect(spec, address)
     client = MlflowClient(record.stores.mlflow_uri)
     tracking.reopen_run(client, record.parent_run_id)
-    init_ray(cluster)
     if restore:
         tuner = restore_tuner(spec, context, record.stores.tune_path)
     else:
@@ -132,8 +144,16 @@ def _run(spec: SweepSpec, record: SweepRecord, *, restore: bool, address: str | 
         tuner = build_tuner(
             spec, context, record.stores.tune_path, record.stores.optuna_url, [progress], steps_per_trial
         )
+    fit_started = time.perf_counter()
     tuner.fit()
-    return finalize(spec, record)
+    fit_ended = time.perf_counter()
+    outcome = finalize(spec, record)
+    outcome.timings = {
+        "setup": fit_started - started,
+        "fit": fit_ended - fit_started,
+        "finalize": time.perf_counter() - fit_ended,
+    }
+    return outcome
 
 
 def finalize(spec: SweepSpec, record: SweepRecord) -> SweepOutcome:

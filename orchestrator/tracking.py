@@ -125,8 +125,9 @@ def log_best_so_far(
     )
 
 
-def log_study_plots(client: MlflowClient, parent_run_id: str, study) -> list[str]:
-    """Optuna's optimisation-history and parallel-coordinates plots (matplotlib), as parent artifacts."""
+def import_plotting():
+    """matplotlib (headless) and Optuna's matplotlib plots: about a second to import, so the sweep's
+    driver imports them while trials run (orchestrator.progress) rather than when the sweep ends."""
     import warnings
 
     import matplotlib
@@ -135,6 +136,13 @@ def log_study_plots(client: MlflowClient, parent_run_id: str, study) -> list[str
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
     import matplotlib.pyplot as plt
     from optuna.visualization import matplotlib as ovm
+
+    return plt, ovm
+
+
+def log_study_plots(client: MlflowClient, parent_run_id: str, study) -> list[str]:
+    """Optuna's optimisation-history and parallel-coordinates plots (matplotlib), as parent artifacts."""
+    plt, ovm = import_plotting()
 
     logged = []
     complete = [t for t in study.trials if t.state.name == "COMPLETE"]

@@ -46,12 +46,22 @@ PRIOR_LOADS = {"count": 0}
 _CLIENTS: dict[str, Any] = {}
 
 
-def warm_up_worker() -> None:
-    """Ray's worker_process_setup_hook: import what every trial needs while the worker is idle."""
-    import mlflow  # noqa: F401
+def match_torch_threads() -> int:
+    """Give torch the CPUs Ray assigned to this trial; returns the thread count.
 
-    import trainers.train  # noqa: F401
-    from trainers.priors import stable_diffusion  # noqa: F401
+    torch fixes its intra-op thread count when it is first imported, from OMP_NUM_THREADS or else the
+    machine's cores. Anything that imports torch in a worker before Ray sets OMP_NUM_THREADS for the
+    trial's `num_cpus` (a worker set-up hook did) leaves every worker with one thread per core of the
+    machine: two workers on two cores then trained 7x slower, their threads spinning against each other."""
+    import torch
+
+    wanted = os.environ.get("OMP_NUM_THREADS")
+    if not wanted:
+        wanted = ray.get_runtime_context().get_assigned_resources().get("CPU", 1)
+    threads = max(1, int(float(wanted)))
+    if torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
+    return threads
 
 
 @dataclass
@@ -122,7 +132,8 @@ def run_trial(config: dict[str, Any], context: SweepContext) -> None:
     """The Tune function trainable."""
     from trainers.config import config_to_dict, load_train_config
 
-    entered = time.perf_counter()
+    entered, entered_at = time.perf_counter(), time.time()
+    torch_threads = match_torch_threads()
     params = {key: value for key, value in config.items() if key != OPTUNA_TRIAL_KEY}
     number = config.get(OPTUNA_TRIAL_KEY)
     tune_context = tune.get_context()
@@ -165,6 +176,7 @@ def run_trial(config: dict[str, Any], context: SweepContext) -> None:
         "worker/prior_loads": PRIOR_LOADS["count"],
         "worker/pid": os.getpid(),
         "worker/num_gpus": len(ray.get_gpu_ids()),
+        "worker/torch_threads": torch_threads,
     }
     found = tracking.find_trial_run(client, context.experiment_id, identity.ray_trial_id)
     finished = tracking.finished_objective(found)
@@ -244,6 +256,9 @@ def run_trial(config: dict[str, Any], context: SweepContext) -> None:
                 STEP: len(panel) * steps_per_prompt,
                 "trial/compute_s": compute_s,
                 "trial/wall_s": time.perf_counter() - entered,
+                # Wall-clock bounds, for the overhead benchmark's timeline (gaps between trials).
+                "trial/entered_at": entered_at,
+                "trial/left_at": time.time(),
                 **worker,
             }
         )

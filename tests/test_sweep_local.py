@@ -89,7 +89,7 @@ def test_search_sweep_completes_every_trial_in_the_optuna_study(search_sweep):
         )
 
 
-def test_search_trials_each_held_one_logical_gpu_and_loaded_the_prior_once(search_sweep):
+def test_search_trials_each_held_one_logical_gpu_one_cpu_thread_and_loaded_the_prior_once(search_sweep):
     _, ws, _ = search_sweep
     rows = status("search", ws)
     from ray.tune import ExperimentAnalysis
@@ -97,6 +97,8 @@ def test_search_trials_each_held_one_logical_gpu_and_loaded_the_prior_once(searc
     analysis = ExperimentAnalysis(f"{ws.record('search').stores.tune_path}/search")
     for trial in analysis.trials:
         assert trial.last_result["worker/num_gpus"] == 1
+        # torch runs as many threads as the trial holds CPUs, not one per core of the machine
+        assert trial.last_result["worker/torch_threads"] == 1
         assert trial.last_result["worker/prior_loads"] == 1  # per worker process, not per trial
     assert [r["state"] for r in rows] == ["TERMINATED", "TERMINATED"]
     assert all(r["step"] == 2 * TINY["max_steps"] for r in rows)  # a panel of two prompts
