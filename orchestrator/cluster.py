@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from pydantic import field_validator
+from pydantic import Field
 
 from trainers.config_base import ConfigBase, ConfigError, build_config, load_yaml
 
@@ -20,18 +20,11 @@ class ClusterConfig(ConfigBase):
     address: str | None = None
     # Local instance only: the CPUs / GPUs Ray may schedule (None: what the machine has). GPUs may be
     # declared without hardware: Ray treats them as logical resources.
-    num_cpus: int | None = None
-    num_gpus: float | None = None
+    num_cpus: int | None = Field(None, ge=0)
+    num_gpus: float | None = Field(None, ge=0.0)
     include_dashboard: bool = False
     # Forward workers' stdout/stderr to the console. Off: the live progress view is the console.
     log_to_driver: bool = False
-
-    @field_validator("num_cpus", "num_gpus")
-    @classmethod
-    def _non_negative(cls, value, info):
-        if value is not None and value < 0:
-            raise ValueError(f"cluster.{info.field_name} must be >= 0")
-        return value
 
 
 def load_cluster(source: str | Path | dict[str, Any] | None) -> ClusterConfig:

@@ -14,7 +14,6 @@ a bad spec fails in a second instead of after a cluster has started.
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -23,7 +22,6 @@ from pydantic import Field, field_validator, model_validator
 
 from trainers.config_base import ConfigBase, ConfigError, build_config, load_yaml
 
-SAMPLERS = ("tpe", "cmaes", "gp", "random", "grid")
 # Keys the timestep pair owns: searched independently they could violate T_min < T_max.
 TIMESTEP_KEYS = ("guidance.t_min", "guidance.t_max")
 
@@ -39,17 +37,10 @@ class SpecError(ConfigError):
 class PromptSelection(ConfigBase):
     """At most one of: the first N, a seeded sample of N, explicit indices (into the source's order)."""
 
-    first: int | None = None
-    sample: int | None = None
+    first: int | None = Field(None, ge=1)
+    sample: int | None = Field(None, ge=1)
     seed: int = 0
     indices: list[int] | None = None
-
-    @field_validator("first", "sample")
-    @classmethod
-    def _positive(cls, value: int | None, info) -> int | None:
-        if value is not None and value < 1:
-            raise ValueError(f"must be >= 1 (got {value})")
-        return value
 
     @model_validator(mode="after")
     def _one_rule(self) -> PromptSelection:
@@ -160,17 +151,10 @@ class TimestepPair(ConfigBase):
 class SearchConfig(ConfigBase):
     space: dict[str, Param] = {}
     timesteps: TimestepPair | None = None
-    sampler: str = "tpe"
+    sampler: Literal["tpe", "cmaes", "gp", "random", "grid"] = "tpe"
     seed: int = 0
     # TPE / GP random start-up trials (Optuna's n_startup_trials); None: Optuna's default.
     n_startup_trials: int | None = None
-
-    @field_validator("sampler")
-    @classmethod
-    def _known_sampler(cls, value: str) -> str:
-        if value not in SAMPLERS:
-            raise ValueError(f"{value!r} is not a sampler; allowed: {', '.join(SAMPLERS)}")
-        return value
 
     @field_validator("space")
     @classmethod
@@ -199,15 +183,9 @@ class Objective(ConfigBase):
 
 
 class Resources(ConfigBase):
-    gpus: float = 0.0  # fractions share a GPU between trials (e.g. 0.5: two trials per GPU)
-    cpus: float = 1.0
-
-    @field_validator("gpus", "cpus")
-    @classmethod
-    def _non_negative(cls, value: float, info) -> float:
-        if value < 0 or not math.isfinite(value):
-            raise ValueError(f"must be a finite number >= 0 (got {value})")
-        return value
+    # Fractions share a GPU between trials (e.g. 0.5: two trials per GPU).
+    gpus: float = Field(0.0, ge=0.0, allow_inf_nan=False)
+    cpus: float = Field(1.0, ge=0.0, allow_inf_nan=False)
 
     @model_validator(mode="after")
     def _something(self) -> Resources:
@@ -221,23 +199,9 @@ class Resources(ConfigBase):
 class Asha(ConfigBase):
     """ASHA over training steps (Ray's ASHAScheduler, time_attr = the trial's global step)."""
 
-    grace_period: int = 10
-    reduction_factor: float = 2.0
+    grace_period: int = Field(10, ge=1)  # steps
+    reduction_factor: float = Field(2.0, gt=1.0)
     max_t: int | None = None  # None: the trial's total steps
-
-    @field_validator("grace_period")
-    @classmethod
-    def _grace_positive(cls, value: int) -> int:
-        if value < 1:
-            raise ValueError(f"must be >= 1 step (got {value})")
-        return value
-
-    @field_validator("reduction_factor")
-    @classmethod
-    def _factor(cls, value: float) -> float:
-        if value <= 1:
-            raise ValueError(f"must be > 1 (got {value})")
-        return value
 
 
 class Storage(ConfigBase):
@@ -258,11 +222,11 @@ class SweepSpec(ConfigBase):
     prompts: PromptSource
     search: SearchConfig = SearchConfig()
     objective: Objective = Objective()
-    trials: int | None = None  # search: required; fanout: the number of prompts (may be omitted)
-    max_concurrent: int = 1
+    trials: int | None = Field(None, ge=1)  # search: required; fanout: the number of prompts (may be omitted)
+    max_concurrent: int = Field(1, ge=1)
     resources: Resources = Resources()
     early_stopping: Asha | None = None
-    retries: int = 1  # re-runs of a failed trial, from its last checkpoint
+    retries: int = Field(1, ge=0)  # re-runs of a failed trial, from its last checkpoint
     storage: Storage = Storage()
     # The Ray cluster: a clusters/*.yaml path or an inline mapping (see orchestrator.cluster).
     cluster: str | dict[str, Any] | None = None
@@ -275,27 +239,6 @@ class SweepSpec(ConfigBase):
             raise ValueError(
                 f"name {value!r} must be non-empty letters, digits, '-', '_' or '.' (it names files)"
             )
-        return value
-
-    @field_validator("trials")
-    @classmethod
-    def _trials_positive(cls, value: int | None) -> int | None:
-        if value is not None and value < 1:
-            raise ValueError(f"must be >= 1 (got {value})")
-        return value
-
-    @field_validator("max_concurrent")
-    @classmethod
-    def _concurrent_positive(cls, value: int) -> int:
-        if value < 1:
-            raise ValueError(f"must be >= 1 (got {value})")
-        return value
-
-    @field_validator("retries")
-    @classmethod
-    def _retries_non_negative(cls, value: int) -> int:
-        if value < 0:
-            raise ValueError(f"must be >= 0 (got {value})")
         return value
 
     @model_validator(mode="after")

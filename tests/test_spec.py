@@ -56,13 +56,17 @@ def test_a_good_spec_loads_with_its_searched_keys():
     [
         ("trails", 3, r"unknown config key 'trails'.*did you mean 'trials'"),
         ("trials", "many", r"trials: .*integer.*'many'"),
-        ("trials", 0, r"trials: must be >= 1 \(got 0\)"),
-        ("resources", {"gpus": -1}, r"resources.gpus: must be a finite number >= 0 \(got -1"),
-        ("resources", {"cpus": -0.5}, r"resources.cpus: .*>= 0"),
+        ("trials", 0, r"trials: Input should be greater than or equal to 1 \(got 0\)"),
+        ("resources", {"gpus": -1}, r"resources.gpus: Input should be greater than or equal to 0 \(got -1\)"),
+        (
+            "resources",
+            {"cpus": -0.5},
+            r"resources.cpus: Input should be greater than or equal to 0 \(got -0.5\)",
+        ),
         (
             "search/sampler",
             "bayes",
-            r"search.sampler: 'bayes' is not a sampler; allowed: tpe, cmaes, gp, random, grid",
+            r"search.sampler: Input should be 'tpe', 'cmaes', 'gp', 'random' or 'grid' \(got 'bayes'\)",
         ),
         ("search/space", {}, None),  # with timesteps still there: allowed; see the empty-space test
         ("search/timesteps", {"t_min": [0.5, 0.6], "gap": [0.0, 0.1]}, r"search.timesteps.*gap.*0 < low"),
@@ -78,8 +82,8 @@ def test_a_good_spec_loads_with_its_searched_keys():
             r"search.space.guidance.eta.*'float', 'int', 'categorical'",
         ),
         ("objective/mode", "maximise", r"objective.mode.*'min' or 'max'.*'maximise'"),
-        ("max_concurrent", 0, r"max_concurrent: must be >= 1 \(got 0\)"),
-        ("retries", -1, r"retries: must be >= 0 \(got -1\)"),
+        ("max_concurrent", 0, r"max_concurrent: Input should be greater than or equal to 1 \(got 0\)"),
+        ("retries", -1, r"retries: Input should be greater than or equal to 0 \(got -1\)"),
         ("prompts", {"items": []}, r"prompts.*items is empty"),
     ],
 )

@@ -47,7 +47,7 @@ def test_malformed_spec_is_refused_before_ray_starts(tmp_path, capsys, monkeypat
     bad = tmp_path / "bad.yaml"
     bad.write_text(yaml.safe_dump({**SPEC, "resources": {"gpus": -2}}))
     assert main(["submit", str(bad), "--workspace", str(tmp_path / "ws")]) == 2
-    assert "resources.gpus: must be a finite number >= 0" in capsys.readouterr().err
+    assert "resources.gpus: Input should be greater than or equal to 0 (got -2)" in capsys.readouterr().err
     assert not (tmp_path / "ws").exists()  # nothing registered, no store created
 
 

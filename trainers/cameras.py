@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, fields
 
 import torch
-from pydantic import field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from trainers.config_base import ConfigBase
 
@@ -31,13 +31,13 @@ class CameraConfig(ConfigBase):
     view_dependent_prompting: bool = True
     # DreamFusion's view labels: |azimuth| < front_threshold is "front", > 180 - back_threshold is
     # "back", the rest "side"; elevation > overhead_threshold is "overhead" whatever the azimuth.
-    front_threshold: float = 45.0
-    back_threshold: float = 45.0
-    overhead_threshold: float = 60.0
+    front_threshold: float = Field(45.0, ge=0.0, le=180.0)  # degrees
+    back_threshold: float = Field(45.0, ge=0.0, le=180.0)  # degrees
+    overhead_threshold: float = Field(60.0, ge=-90.0, le=90.0)  # degrees
     # Validation grids and the final turntable.
-    eval_elevation: float = 15.0
-    eval_distance: float = 1.75
-    eval_fovy: float = 50.0
+    eval_elevation: float = Field(15.0, ge=-90.0, le=90.0)  # degrees
+    eval_distance: float = Field(1.75, gt=0.0)
+    eval_fovy: float = Field(50.0, gt=0.0, lt=180.0)  # degrees
 
     @field_validator("elevation_range", "azimuth_range", "distance_range", "fovy_range")
     @classmethod
@@ -66,34 +66,6 @@ class CameraConfig(ConfigBase):
     def _fovy_open_interval(cls, value: tuple[float, float]) -> tuple[float, float]:
         if value[0] <= 0.0 or value[1] >= 180.0:
             raise ValueError(f"fovy_range must lie in the open interval (0, 180) degrees, got {list(value)}")
-        return value
-
-    @field_validator("front_threshold", "back_threshold")
-    @classmethod
-    def _azimuth_threshold(cls, value: float, info) -> float:
-        if not 0.0 <= value <= 180.0:
-            raise ValueError(f"{info.field_name} must be in [0, 180] degrees, got {value}")
-        return value
-
-    @field_validator("overhead_threshold", "eval_elevation")
-    @classmethod
-    def _elevation_value(cls, value: float, info) -> float:
-        if not -90.0 <= value <= 90.0:
-            raise ValueError(f"{info.field_name} must be in [-90, 90] degrees, got {value}")
-        return value
-
-    @field_validator("eval_distance")
-    @classmethod
-    def _eval_distance_positive(cls, value: float) -> float:
-        if value <= 0.0:
-            raise ValueError(f"eval_distance must be > 0, got {value}")
-        return value
-
-    @field_validator("eval_fovy")
-    @classmethod
-    def _eval_fovy_open_interval(cls, value: float) -> float:
-        if not 0.0 < value < 180.0:
-            raise ValueError(f"eval_fovy must be in the open interval (0, 180) degrees, got {value}")
         return value
 
     @model_validator(mode="after")

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from trainers.cameras import CameraConfig
 from trainers.config_base import (
@@ -33,18 +33,11 @@ from trainers.rendering import BackgroundConfig, RendererConfig
 
 class OptimizerConfig(ConfigBase):
     # Per-module learning rates: hash tables learn fast, MLPs slowly (Instant-NGP practice).
-    lr_encoding: float = 1e-2
-    lr_network: float = 1e-3
-    lr_background: float = 1e-3
+    lr_encoding: float = Field(1e-2, ge=0.0)
+    lr_network: float = Field(1e-3, ge=0.0)
+    lr_background: float = Field(1e-3, ge=0.0)
     betas: tuple[float, float] = (0.9, 0.99)
     eps: float = 1e-15  # tiny eps: hash-grid entries see sparse gradients
-
-    @field_validator("lr_encoding", "lr_network", "lr_background")
-    @classmethod
-    def _lr_positive(cls, value: float, info) -> float:
-        if value < 0:
-            raise ValueError(f"optimizer.{info.field_name} must be >= 0")
-        return value
 
 
 class LossConfig(ConfigBase):
@@ -67,9 +60,9 @@ class TrainConfig(ConfigBase):
     prompt: str = "a red cube"
     negative_prompt: str = ""
     seed: int = 0
-    max_steps: int = 1000
-    batch_size: int = 1
-    resolution: int = 64  # render width = height
+    max_steps: int = Field(1000, ge=1)
+    batch_size: int = Field(1, ge=1)
+    resolution: int = Field(64, ge=1)  # render width = height
     device: str = "auto"
     output_dir: str = "outputs/run"
 
@@ -88,13 +81,6 @@ class TrainConfig(ConfigBase):
     def _prompt_not_empty(cls, value: str) -> str:
         if not value.strip():
             raise ValueError("prompt is empty: give the text to distil, e.g. prompt='a red cube'")
-        return value
-
-    @field_validator("max_steps", "batch_size", "resolution")
-    @classmethod
-    def _positive(cls, value: int, info) -> int:
-        if value < 1:
-            raise ValueError(f"{info.field_name} must be >= 1")
         return value
 
     @model_validator(mode="after")

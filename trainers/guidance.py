@@ -23,7 +23,7 @@ from typing import Literal
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from pydantic import field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from trainers.config_base import ConfigBase, Schedule, check_schedule, schedule_range, schedule_value
 from trainers.priors.base import DiffusionPrior
@@ -134,7 +134,7 @@ class GuidanceConfig(ConfigBase):
     # Clamp |grad| elementwise (Debiasing Scores); None: no clamp.
     grad_clip: float | None = None
     # VSD: the LoRA (or, for priors without a UNet, a zero-initialised residual score network).
-    lora_rank: int = 4
+    lora_rank: int = Field(4, ge=1)
     lora_lr: float = 1e-3
     lora_camera_condition: bool = True
 
@@ -155,13 +155,6 @@ class GuidanceConfig(ConfigBase):
     def _eta_non_negative(cls, value: float) -> float:
         if value < 0:
             raise ValueError("guidance.eta must be >= 0 (the paper uses 0.1)")
-        return value
-
-    @field_validator("lora_rank")
-    @classmethod
-    def _rank_positive(cls, value: int) -> int:
-        if value < 1:
-            raise ValueError("guidance.lora_rank must be >= 1")
         return value
 
     @model_validator(mode="after")

@@ -21,7 +21,7 @@ from typing import Literal
 import nerfacc
 import torch
 import torch.nn.functional as F
-from pydantic import field_validator
+from pydantic import Field, field_validator
 from torch import nn
 
 from trainers.cameras import CameraBatch, generate_rays
@@ -36,20 +36,13 @@ class BackgroundConfig(ConfigBase):
     color: tuple[float, float, float] = (1.0, 1.0, 1.0)  # the "solid" background
     # Training only: with this probability an image's background is replaced by a random solid colour
     # (DreamFusion's augmentation), so that the geometry cannot paint the object into the background.
-    random_aug_prob: float = 0.5
+    random_aug_prob: float = Field(0.5, ge=0.0, le=1.0)
 
     @field_validator("color")
     @classmethod
     def _color_in_unit_range(cls, value: tuple[float, float, float]) -> tuple[float, float, float]:
         if not all(0.0 <= c <= 1.0 for c in value):
             raise ValueError(f"color must have three components in [0, 1], got {list(value)}")
-        return value
-
-    @field_validator("random_aug_prob")
-    @classmethod
-    def _probability(cls, value: float) -> float:
-        if not 0.0 <= value <= 1.0:
-            raise ValueError(f"random_aug_prob must be in [0, 1], got {value}")
         return value
 
 
@@ -93,26 +86,12 @@ class Background(nn.Module):
 class RendererConfig(ConfigBase):
     # Uniform sampler: samples per ray. Occupancy grid: the marching step is the box diagonal divided
     # by this, so it sets the same resolution along the ray (GPU configs raise it, e.g. 512).
-    num_samples_per_ray: int = 64
+    num_samples_per_ray: int = Field(64, ge=1)
     estimator: Literal["auto", "uniform", "occgrid"] = "auto"  # auto: occgrid on CUDA, else uniform
-    occgrid_resolution: int = 64
-    occgrid_update_every: int = 16
-    occgrid_threshold: float = 0.01
-    eval_chunk_rays: int = 16384  # rays rendered at once outside training, to bound memory
-
-    @field_validator("num_samples_per_ray", "occgrid_resolution", "occgrid_update_every", "eval_chunk_rays")
-    @classmethod
-    def _positive_int(cls, value: int, info) -> int:
-        if value < 1:
-            raise ValueError(f"{info.field_name} must be >= 1, got {value}")
-        return value
-
-    @field_validator("occgrid_threshold")
-    @classmethod
-    def _threshold(cls, value: float) -> float:
-        if value < 0.0:
-            raise ValueError(f"occgrid_threshold must be >= 0, got {value}")
-        return value
+    occgrid_resolution: int = Field(64, ge=1)
+    occgrid_update_every: int = Field(16, ge=1)
+    occgrid_threshold: float = Field(0.01, ge=0.0)
+    eval_chunk_rays: int = Field(16384, ge=1)  # rays rendered at once outside training, to bound memory
 
 
 def ray_box_intersection(

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn as nn
-from pydantic import field_validator
+from pydantic import Field, field_validator
 
 from trainers.cameras import CameraBatch, CameraConfig, orbit_cameras
 from trainers.config_base import ConfigBase
@@ -270,36 +270,16 @@ def _layout(
 class SceneConfig(ConfigBase):
     # Density from the SDF as in VolSDF: σ = density_scale · Ψ_β(−sdf), Ψ_β the Laplace(0, β) CDF.
     # β (surface_width, in scene units) must stay above the renderer's sample spacing or surfaces alias.
-    density_scale: float = 100.0
-    surface_width: float = 0.02
-    # Radius of a single object (pairs use a fixed smaller scale so that both fit in [-1, 1]^3).
-    single_scale: float = 0.5
+    density_scale: float = Field(100.0, gt=0.0)
+    surface_width: float = Field(0.02, gt=0.0)
+    # Radius of a single object: at most 0.95 so that it fits in [-1, 1]^3 (pairs use a fixed smaller
+    # scale so that both fit).
+    single_scale: float = Field(0.5, gt=0.0, le=0.95)
     # Baked Lambertian shading under one fixed light: view-independent (so a NeRF can represent it
-    # exactly) but it shows the 3D shape inside the silhouette.
-    ambient: float = 0.45
+    # exactly) but it shows the 3D shape inside the silhouette. A fraction of the albedo.
+    ambient: float = Field(0.45, ge=0.0, le=1.0)
     light_direction: tuple[float, float, float] = (0.5, 0.3, 1.0)
     background_color: tuple[float, float, float] = (1.0, 1.0, 1.0)
-
-    @field_validator("density_scale", "surface_width", "single_scale")
-    @classmethod
-    def _positive(cls, value: float, info) -> float:
-        if value <= 0:
-            raise ValueError(f"scene.{info.field_name} must be > 0")
-        return value
-
-    @field_validator("single_scale")
-    @classmethod
-    def _fits(cls, value: float) -> float:
-        if value > 0.95:
-            raise ValueError("scene.single_scale must be <= 0.95 so that the object fits in [-1, 1]^3")
-        return value
-
-    @field_validator("ambient")
-    @classmethod
-    def _ambient_fraction(cls, value: float) -> float:
-        if not 0 <= value <= 1:
-            raise ValueError("scene.ambient is a fraction of the albedo and must lie in [0, 1]")
-        return value
 
     @field_validator("background_color")
     @classmethod

@@ -17,7 +17,7 @@ import math
 import re
 
 import torch
-from pydantic import field_validator
+from pydantic import Field, field_validator
 
 from trainers.config_base import ConfigBase
 
@@ -25,20 +25,13 @@ _WORD = re.compile(r"[a-z0-9]+")
 
 
 class TextEncoderConfig(ConfigBase):
-    dim: int = 64
+    dim: int = Field(64, ge=1)
     # Longest scene prompt with a view suffix has 11 words; longer texts are truncated.
-    max_length: int = 16
+    max_length: int = Field(16, ge=1)
     # Changes every word vector (a different "vocabulary"); embeddings from different seeds don't mix.
     seed: int = 0
     # Scale of the position code relative to the unit-norm word vectors.
     position_scale: float = 0.5
-
-    @field_validator("dim", "max_length")
-    @classmethod
-    def _positive(cls, value: int, info) -> int:
-        if value < 1:
-            raise ValueError(f"text_encoder.{info.field_name} must be >= 1")
-        return value
 
     @field_validator("dim")
     @classmethod

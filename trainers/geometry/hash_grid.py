@@ -17,7 +17,7 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
-from pydantic import field_validator
+from pydantic import Field
 from torch import nn
 
 from trainers.config_base import ConfigBase
@@ -27,49 +27,14 @@ _PRIMES = (1, 2654435761, 805459861, 3674653429, 2097192037, 1434869437, 2165219
 
 
 class HashGridConfig(ConfigBase):
-    n_levels: int = 16
-    n_features_per_level: int = 2
-    log2_hashmap_size: int = 19
-    base_resolution: int = 16
-    per_level_scale: float = 1.447269237440378  # 16 -> 4096 over 16 levels
+    n_levels: int = Field(16, ge=1)
+    # tinycudann only implements these widths; the PyTorch grid keeps the same set so a config
+    # that runs on the CPU also runs on a GPU.
+    n_features_per_level: Literal[1, 2, 4, 8] = 2
+    log2_hashmap_size: int = Field(19, ge=4, le=26)
+    base_resolution: int = Field(16, ge=1)
+    per_level_scale: float = Field(1.447269237440378, ge=1.0)  # 16 -> 4096 over 16 levels
     backend: Literal["auto", "torch", "tcnn"] = "auto"
-
-    @field_validator("n_levels")
-    @classmethod
-    def _levels_positive(cls, value: int) -> int:
-        if value < 1:
-            raise ValueError(f"n_levels must be >= 1, got {value}")
-        return value
-
-    @field_validator("n_features_per_level")
-    @classmethod
-    def _features_supported(cls, value: int) -> int:
-        # tinycudann only implements these widths; the PyTorch grid keeps the same set so a config
-        # that runs on the CPU also runs on a GPU.
-        if value not in (1, 2, 4, 8):
-            raise ValueError(f"n_features_per_level must be one of 1, 2, 4, 8, got {value}")
-        return value
-
-    @field_validator("log2_hashmap_size")
-    @classmethod
-    def _table_size(cls, value: int) -> int:
-        if not 4 <= value <= 26:
-            raise ValueError(f"log2_hashmap_size must be in [4, 26], got {value}")
-        return value
-
-    @field_validator("base_resolution")
-    @classmethod
-    def _base_resolution(cls, value: int) -> int:
-        if value < 1:
-            raise ValueError(f"base_resolution must be >= 1, got {value}")
-        return value
-
-    @field_validator("per_level_scale")
-    @classmethod
-    def _scale(cls, value: float) -> float:
-        if value < 1.0:
-            raise ValueError(f"per_level_scale must be >= 1.0, got {value}")
-        return value
 
 
 class _InterpolateTables(torch.autograd.Function):

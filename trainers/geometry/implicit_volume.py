@@ -7,7 +7,7 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import field_validator
+from pydantic import Field
 from torch import nn
 
 from trainers.config_base import ConfigBase
@@ -15,44 +15,16 @@ from trainers.geometry.hash_grid import HashGridConfig, make_hash_grid
 
 
 class ImplicitVolumeConfig(ConfigBase):
-    radius: float = 1.0  # the scene box is [-radius, radius]^3
+    radius: float = Field(1.0, gt=0.0)  # the scene box is [-radius, radius]^3
     encoding: HashGridConfig = HashGridConfig()
-    hidden_dim: int = 64
-    n_hidden_layers: int = 1
+    hidden_dim: int = Field(64, ge=1)
+    n_hidden_layers: int = Field(1, ge=0)
     density_activation: Literal["softplus", "exp"] = "softplus"
     # Magic3D's initial blob: raw density + scale * (1 - |x| / std), so training starts from a
     # solid ball at the centre instead of empty space (which gives the guidance nothing to push on).
     density_bias: Literal["blob_magic3d", "none"] = "blob_magic3d"
-    density_blob_scale: float = 10.0
-    density_blob_std: float = 0.5
-
-    @field_validator("radius", "density_blob_std")
-    @classmethod
-    def _positive(cls, value: float, info) -> float:
-        if value <= 0.0:
-            raise ValueError(f"{info.field_name} must be > 0, got {value}")
-        return value
-
-    @field_validator("hidden_dim")
-    @classmethod
-    def _hidden_dim(cls, value: int) -> int:
-        if value < 1:
-            raise ValueError(f"hidden_dim must be >= 1, got {value}")
-        return value
-
-    @field_validator("n_hidden_layers")
-    @classmethod
-    def _hidden_layers(cls, value: int) -> int:
-        if value < 0:
-            raise ValueError(f"n_hidden_layers must be >= 0, got {value}")
-        return value
-
-    @field_validator("density_blob_scale")
-    @classmethod
-    def _blob_scale(cls, value: float) -> float:
-        if value < 0.0:
-            raise ValueError(f"density_blob_scale must be >= 0, got {value}")
-        return value
+    density_blob_scale: float = Field(10.0, ge=0.0)
+    density_blob_std: float = Field(0.5, gt=0.0)
 
 
 class _TruncExp(torch.autograd.Function):

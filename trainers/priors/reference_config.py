@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from pydantic import field_validator
+from pydantic import Field, field_validator
 
 from trainers.cameras import CameraConfig
 from trainers.config_base import ConfigBase
@@ -13,29 +13,22 @@ from trainers.text_encoding import TextEncoderConfig
 
 class ReferencePriorConfig(ConfigBase):
     # Cached renders per conditional prompt, drawn (quasi-randomly) from `camera`'s ranges.
-    n_views: int = 32
+    n_views: int = Field(32, ge=1)
     # Unconditional distribution: "singles" = the 48 single-object prompts, a list of scene prompts, or
     # "conditional" = the prompts the prior has been asked about so far. The first two are fixed when the
     # prior is built, so a prior cached and shared by a sweep's trials answers the same whatever order
     # the trials come in; "conditional" grows with every new prompt (order-dependent by design).
     uncond_prompts: str | list[str] = "singles"
-    uncond_views: int = 8
+    uncond_views: int = Field(8, ge=1)
     # A render whose view label differs from the prompt's suffix has prior weight `view_leak`
     # (0: only matching views; 1: the suffix is ignored).
-    view_leak: float = 0.0
+    view_leak: float = Field(0.0, ge=0.0, le=1.0)
     # κ of the camera weighting exp(κ·cos∠(asked camera, render camera)) when `class_labels` carry
     # cameras; 0: ignored.
-    camera_sharpness: float = 0.0
+    camera_sharpness: float = Field(0.0, ge=0.0)
     scene: SceneConfig = SceneConfig()
     camera: CameraConfig = CameraConfig()
     text_encoder: TextEncoderConfig = TextEncoderConfig()
-
-    @field_validator("n_views", "uncond_views")
-    @classmethod
-    def _views_positive(cls, value: int, info) -> int:
-        if value < 1:
-            raise ValueError(f"reference.{info.field_name} must be >= 1")
-        return value
 
     @field_validator("uncond_prompts")
     @classmethod
@@ -47,18 +40,4 @@ class ReferencePriorConfig(ConfigBase):
         if isinstance(value, list):
             for prompt in value:
                 parse_prompt(prompt)  # its ValueError names the grammar
-        return value
-
-    @field_validator("view_leak")
-    @classmethod
-    def _leak_fraction(cls, value: float) -> float:
-        if not 0 <= value <= 1:
-            raise ValueError("reference.view_leak is a weight in [0, 1]")
-        return value
-
-    @field_validator("camera_sharpness")
-    @classmethod
-    def _sharpness_non_negative(cls, value: float) -> float:
-        if value < 0:
-            raise ValueError("reference.camera_sharpness must be >= 0")
         return value
