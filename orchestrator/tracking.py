@@ -27,6 +27,8 @@ import optuna
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
+from trainers.config_base import flatten
+
 TAG_SWEEP = "dreamsweep.sweep"
 TAG_ROLE = "dreamsweep.role"  # "sweep" (parent) or "trial" (child)
 TAG_RAY_TRIAL = "dreamsweep.ray_trial_id"
@@ -307,15 +309,9 @@ def close_stale_runs(client: MlflowClient, experiment_id: str, final_status: Map
     return closed
 
 
-def flatten_for_params(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    flat: dict[str, Any] = {}
-    for key, value in data.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, Mapping):
-            flat.update(flatten_for_params(value, f"{name}."))
-        else:
-            flat[name] = json.dumps(value) if isinstance(value, list | tuple) else value
-    return flat
+def flatten_for_params(data: Mapping[str, Any]) -> dict[str, Any]:
+    """A nested config as MLflow params: dotted keys, lists and tuples as JSON."""
+    return {key: json.dumps(v) if isinstance(v, list | tuple) else v for key, v in flatten(data).items()}
 
 
 def metric_steps(client: MlflowClient, run_id: str, keys: Iterable[str]) -> dict[str, list[int]]:
