@@ -235,6 +235,24 @@ class ReconcileOnRestore(tune.Callback):
             self.generator.reconcile(trials)
 
 
+class FinishingASHA(ASHAScheduler):
+    """Ray's ASHA, except that a trial's results at its last step are never judged.
+
+    The trainer reports its last checkpoint at the last step, before its final evaluation and
+    artifacts. ASHA's top rung can fall on that very step (grace 10, factor 2, 40 steps: rungs at 10,
+    20 and 40), and stopping a trial there saves no compute: it only cuts off the final evaluation and
+    leaves a trial that trained every step marked as stopped early."""
+
+    def __init__(self, *, last_step: int, **kwargs):
+        super().__init__(**kwargs)
+        self._last_step = last_step
+
+    def on_trial_result(self, tune_controller, trial, result: dict) -> str:
+        if result.get(self._time_attr, 0) >= self._last_step:
+            return self.CONTINUE
+        return super().on_trial_result(tune_controller, trial, result)
+
+
 def build_searcher(spec: SweepSpec, num_prompts: int, optuna_url: str) -> SweepSearch:
     return SweepSearch(
         optuna_space(spec, num_prompts),
@@ -265,7 +283,8 @@ def build_tuner(
     scheduler = None
     if spec.early_stopping is not None:
         asha = spec.early_stopping
-        scheduler = ASHAScheduler(
+        scheduler = FinishingASHA(
+            last_step=steps_per_trial,
             time_attr=STEP,
             metric=OBJECTIVE,
             mode=spec.objective.mode,

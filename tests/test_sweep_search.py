@@ -12,7 +12,12 @@ from ray.train._internal.session import _TrainingResult
 
 from orchestrator.spec import SweepSpec
 from orchestrator.trainable import OPTUNA_TRIAL_KEY
-from orchestrator.tuner import SweepSearchGenerator, build_searcher, continue_from_surviving_checkpoints
+from orchestrator.tuner import (
+    FinishingASHA,
+    SweepSearchGenerator,
+    build_searcher,
+    continue_from_surviving_checkpoints,
+)
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -169,3 +174,24 @@ def test_a_trial_whose_recorded_checkpoint_tune_deleted_continues_from_the_next_
     assert continue_from_surviving_checkpoints([trial]) == {"t": str(trial_dir / "checkpoint_000002")}
     assert manager.latest_checkpoint_result.checkpoint.path == str(trial_dir / "checkpoint_000002")
     assert (trial_dir / "checkpoint_000003").is_dir()
+
+
+def test_early_stopping_never_stops_a_trial_at_its_last_step_but_still_prunes_before_it():
+    # 40 steps, grace 10, factor 2: ASHA's rungs are at 10, 20 and 40, the last one on the last step.
+    asha = FinishingASHA(
+        last_step=40, time_attr="step", metric="objective", mode="min", max_t=41, grace_period=10
+    )
+    good, late_worse, bad = (SimpleNamespace(trial_id=name) for name in ("good", "late", "bad"))
+    for trial in (good, late_worse, bad):
+        asha.on_trial_add(None, trial)
+
+    def report(trial, step, value):
+        return asha.on_trial_result(None, trial, {"step": step, "objective": value})
+
+    for step in (10, 20):
+        assert report(good, step, 1.0) == asha.CONTINUE
+        assert report(late_worse, step, 0.5) == asha.CONTINUE
+    assert report(bad, 10, 9.0) == asha.STOP  # pruned at a rung before the last step
+    assert report(good, 40, 0.0) == asha.CONTINUE
+    # Worse than the rung's cutoff, but at its last step: it finishes (final evaluation, artifacts).
+    assert report(late_worse, 40, 5.0) == asha.CONTINUE
