@@ -51,7 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="continue the sweep if the name exists (with the spec it was submitted with)",
     )
     # `--address` (join a running Ray cluster) arrives with the clusters issue; SweepSpec.cluster and
-    # orchestrator.cluster.ClusterConfig.address already take it.
+    # orchestrator.run.cluster.ClusterConfig.address already take it.
     _workspace_arg(p)
 
     p = sub.add_parser("resume", help="continue a sweep after a kill, a crash or Ctrl-C")
@@ -91,14 +91,14 @@ def cmd_train(args) -> int:
 
 
 def cmd_submit(args) -> int:
-    from orchestrator.sweep import submit
+    from orchestrator.run.sweep import submit
 
     outcome = submit(args.spec, name=args.name, workspace=args.workspace, resume_existing=args.resume)
     return _print_outcome(outcome)
 
 
 def cmd_resume(args) -> int:
-    from orchestrator.sweep import resume
+    from orchestrator.run.sweep import resume
 
     return _print_outcome(resume(args.name, workspace=args.workspace))
 
@@ -115,16 +115,16 @@ def _print_outcome(outcome) -> int:
 
 
 def cmd_status(args) -> int:
-    from orchestrator.report import format_rows, status
-    from orchestrator.workspace import Workspace
+    from orchestrator.run.workspace import Workspace
+    from orchestrator.track.report import format_rows, status
 
     print(format_rows(status(args.name, Workspace(args.workspace)), STATUS_COLUMNS, args.format))
     return 0
 
 
 def cmd_compare(args) -> int:
-    from orchestrator.report import compare, format_rows
-    from orchestrator.workspace import Workspace
+    from orchestrator.run.workspace import Workspace
+    from orchestrator.track.report import compare, format_rows
 
     print(
         format_rows(compare(args.name, Workspace(args.workspace), top=args.top), COMPARE_COLUMNS, args.format)
@@ -133,8 +133,8 @@ def cmd_compare(args) -> int:
 
 
 def cmd_best(args) -> int:
-    from orchestrator.report import best_config_yaml
-    from orchestrator.workspace import Workspace
+    from orchestrator.run.workspace import Workspace
+    from orchestrator.track.report import best_config_yaml
 
     text = best_config_yaml(args.name, Workspace(args.workspace))
     if args.output:
@@ -146,7 +146,7 @@ def cmd_best(args) -> int:
 
 
 def cmd_list(args) -> int:
-    from orchestrator.workspace import Workspace
+    from orchestrator.run.workspace import Workspace
 
     workspace = Workspace(args.workspace)
     names = workspace.sweeps()
@@ -176,8 +176,8 @@ def quiet_libraries() -> None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     quiet_libraries()
-    from orchestrator.sweep import SweepExistsError
-    from orchestrator.workspace import UnknownSweepError
+    from orchestrator.run.sweep import SweepExistsError
+    from orchestrator.run.workspace import UnknownSweepError
 
     try:
         return COMMANDS[args.command](args)

@@ -8,8 +8,8 @@ import pyarrow.feather as pa_feather
 import pyarrow.parquet as pa_parquet
 import pytest
 
-from orchestrator.prompts import load_prompts
-from orchestrator.spec import PromptSource
+from orchestrator.spec.prompts import load_prompts
+from orchestrator.spec.spec import PromptSource
 
 PROMPTS = [f"prompt number {i}" for i in range(10)]
 

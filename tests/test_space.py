@@ -3,7 +3,7 @@
 import optuna
 import pytest
 
-from orchestrator.space import (
+from orchestrator.spec.space import (
     PROMPT_INDEX,
     T_GAP,
     T_MAX,
@@ -14,7 +14,7 @@ from orchestrator.space import (
     optuna_space,
     resolve_params,
 )
-from orchestrator.spec import SpecError, SweepSpec
+from orchestrator.spec.spec import SpecError, SweepSpec
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.spec import SpecError, load_sweep_spec
+from orchestrator.spec.spec import SpecError, load_sweep_spec
 
 SWEEPS = Path(__file__).resolve().parents[1] / "sweeps"
 

@@ -5,8 +5,8 @@ import pytest
 import yaml
 
 from orchestrator.cli import main
-from orchestrator.spec import load_sweep_spec
-from orchestrator.workspace import ENV_VAR, SweepRecord, Workspace
+from orchestrator.run.workspace import ENV_VAR, SweepRecord, Workspace
+from orchestrator.spec.spec import load_sweep_spec
 
 SPEC = {
     "name": "existing",
@@ -38,12 +38,12 @@ def test_workspace_comes_from_the_environment_when_not_given(workspace, monkeypa
 
 
 def test_malformed_spec_is_refused_before_ray_starts(tmp_path, capsys, monkeypatch):
-    import orchestrator.sweep
+    import orchestrator.run.sweep
 
     def no_ray(cluster):
         raise AssertionError("Ray was started for a malformed spec")
 
-    monkeypatch.setattr(orchestrator.sweep, "init_ray", no_ray)
+    monkeypatch.setattr(orchestrator.run.sweep, "init_ray", no_ray)
     bad = tmp_path / "bad.yaml"
     bad.write_text(yaml.safe_dump({**SPEC, "resources": {"gpus": -2}}))
     assert main(["submit", str(bad), "--workspace", str(tmp_path / "ws")]) == 2
@@ -112,7 +112,7 @@ def test_compare_rows_render_as_table_csv_and_json():
     import io
     import json
 
-    from orchestrator.report import format_rows
+    from orchestrator.track.report import format_rows
 
     rows = [
         {"trial": 1, "run_id": "r1", "state": "FINISHED", "params": {"guidance.eta": 0.25}, "objective": 0.5}

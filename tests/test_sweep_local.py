@@ -12,11 +12,11 @@ import pytest
 import ray
 import yaml
 
-from orchestrator import tracking
 from orchestrator.cli import main
-from orchestrator.report import compare, status
-from orchestrator.sweep import SweepExistsError, submit
-from orchestrator.workspace import Workspace
+from orchestrator.run.sweep import SweepExistsError, submit
+from orchestrator.run.workspace import Workspace
+from orchestrator.track import tracking
+from orchestrator.track.report import compare, status
 from trainers.config import load_train_config
 
 TINY = {
@@ -191,7 +191,7 @@ def test_fanout_runs_one_trial_per_prompt(fanout_sweep):
 
 @pytest.fixture(scope="module")
 def asha_sweep(local_ray, tmp_path_factory):
-    # ASHA plumbing with the fast fake trainer (orchestrator.fake_trainer, 0.01 s a step): what is
+    # ASHA plumbing with the fast fake trainer (orchestrator.run.fake_trainer, 0.01 s a step): what is
     # checked is the bookkeeping of stopped trials, not training.
     ws = Workspace(tmp_path_factory.mktemp("ws-asha"))
     spec = {
@@ -207,8 +207,8 @@ def asha_sweep(local_ray, tmp_path_factory):
         "early_stopping": {"grace_period": 10, "reduction_factor": 2},
     }
     fake = {
-        "train_fn": "orchestrator.fake_trainer:train",
-        "load_prior_fn": "orchestrator.fake_trainer:load_prior",
+        "train_fn": "orchestrator.run.fake_trainer:train",
+        "load_prior_fn": "orchestrator.run.fake_trainer:load_prior",
     }
     return ws, submit(spec, workspace=ws, runtime=fake)
 
@@ -227,7 +227,7 @@ def test_asha_stopped_trials_are_complete_in_optuna_and_closed_in_mlflow(asha_sw
 
 
 def test_a_failing_trial_is_retried_from_its_last_checkpoint_in_the_same_run(local_ray, tmp_path):
-    from orchestrator.fake_trainer import FAIL_ONCE_SEED
+    from orchestrator.run.fake_trainer import FAIL_ONCE_SEED
 
     ws = Workspace(tmp_path / "ws")
     spec = {
@@ -244,8 +244,8 @@ def test_a_failing_trial_is_retried_from_its_last_checkpoint_in_the_same_run(loc
         "retries": 1,
     }
     fake = {
-        "train_fn": "orchestrator.fake_trainer:train",
-        "load_prior_fn": "orchestrator.fake_trainer:load_prior",
+        "train_fn": "orchestrator.run.fake_trainer:train",
+        "load_prior_fn": "orchestrator.run.fake_trainer:load_prior",
     }
     assert submit(spec, workspace=ws, runtime=fake).complete == 1
     client, record = mlflow_of(ws, "retry")

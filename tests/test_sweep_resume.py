@@ -13,8 +13,8 @@ import mlflow
 import optuna
 import yaml
 
-from orchestrator import tracking
-from orchestrator.workspace import Workspace
+from orchestrator.run.workspace import Workspace
+from orchestrator.track import tracking
 
 # Long enough that a trial seen at step <= MAX_STEPS // 3 is still training after the 1.2 s wait
 # below even at ~0.1 s a step (an unloaded CPU): with 12 steps it could finish first, leaving no

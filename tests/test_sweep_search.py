@@ -10,14 +10,14 @@ from ray import tune
 from ray.train._internal.checkpoint_manager import _CheckpointManager
 from ray.train._internal.session import _TrainingResult
 
-from orchestrator.spec import SweepSpec
-from orchestrator.trainable import OPTUNA_TRIAL_KEY
-from orchestrator.tuner import (
+from orchestrator.run.trainable import OPTUNA_TRIAL_KEY
+from orchestrator.run.tuner import (
     FinishingASHA,
     SweepSearchGenerator,
     build_searcher,
     continue_from_surviving_checkpoints,
 )
+from orchestrator.spec.spec import SweepSpec
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 

@@ -4,7 +4,7 @@ steps after a resume, checked through MlflowClient on the SQLite store."""
 import mlflow
 import pytest
 
-from orchestrator import tracking
+from orchestrator.track import tracking
 
 
 @pytest.fixture(scope="module")

@@ -13,10 +13,10 @@ import mlflow
 import pytest
 import ray
 
-from orchestrator import tracking
-from orchestrator.report import compare
-from orchestrator.sweep import submit
-from orchestrator.workspace import Workspace
+from orchestrator.run.sweep import submit
+from orchestrator.run.workspace import Workspace
+from orchestrator.track import tracking
+from orchestrator.track.report import compare
 
 
 def free_port() -> int:

@@ -48,12 +48,12 @@ def main() -> None:
 
     fake_steps = 20
     if args.trainer == "fake":
-        # Read by orchestrator.fake_trainer in the workers, which inherit the driver's environment.
+        # Read by orchestrator.run.fake_trainer in the workers, which inherit the driver's environment.
         os.environ["DREAMSWEEP_FAKE_STEP_S"] = str(args.trial_seconds / fake_steps)
     import ray
 
-    from orchestrator.sweep import submit
-    from orchestrator.workspace import Workspace
+    from orchestrator.run.sweep import submit
+    from orchestrator.run.workspace import Workspace
 
     steps = fake_steps if args.trainer == "fake" else args.steps
     spec = {
@@ -82,11 +82,11 @@ def main() -> None:
     runtime = {}
     if args.trainer == "fake":
         runtime = {
-            "train_fn": "orchestrator.fake_trainer:train",
-            "load_prior_fn": "orchestrator.fake_trainer:load_prior",
+            "train_fn": "orchestrator.run.fake_trainer:train",
+            "load_prior_fn": "orchestrator.run.fake_trainer:load_prior",
         }
 
-    from orchestrator.cluster import ClusterConfig, init_ray
+    from orchestrator.run.cluster import ClusterConfig, init_ray
 
     with tempfile.TemporaryDirectory() as root:
         workspace = Workspace(root)
@@ -142,9 +142,9 @@ def create_stores(workspace, spec: dict) -> None:
     code = (
         "import json, sys\n"
         "from mlflow import MlflowClient\n"
-        "from orchestrator.spec import load_sweep_spec\n"
-        "from orchestrator.tuner import optuna_storage\n"
-        "from orchestrator.workspace import Workspace\n"
+        "from orchestrator.spec.spec import load_sweep_spec\n"
+        "from orchestrator.run.tuner import optuna_storage\n"
+        "from orchestrator.run.workspace import Workspace\n"
         "workspace = Workspace(sys.argv[1])\n"
         "stores = workspace.stores_for(load_sweep_spec(json.loads(sys.argv[2])))\n"
         "workspace.root.mkdir(parents=True, exist_ok=True)\n"

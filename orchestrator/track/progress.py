@@ -19,9 +19,9 @@ from typing import Any
 
 from ray import tune
 
-from orchestrator import tracking
-from orchestrator.space import PROMPT_INDEX, resolve_params
-from orchestrator.trainable import OBJECTIVE, OPTUNA_TRIAL_KEY, STEP
+from orchestrator.run.trainable import OBJECTIVE, OPTUNA_TRIAL_KEY, STEP
+from orchestrator.spec.space import PROMPT_INDEX, resolve_params
+from orchestrator.track import tracking
 
 
 def trial_params(config: dict[str, Any]) -> dict[str, Any]:

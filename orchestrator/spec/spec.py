@@ -228,7 +228,7 @@ class SweepSpec(ConfigBase):
     early_stopping: Asha | None = None
     retries: int = Field(1, ge=0)  # re-runs of a failed trial, from its last checkpoint
     storage: Storage = Storage()
-    # The Ray cluster: a clusters/*.yaml path or an inline mapping (see orchestrator.cluster).
+    # The Ray cluster: a clusters/*.yaml path or an inline mapping (see orchestrator.run.cluster).
     cluster: str | dict[str, Any] | None = None
 
     @field_validator("name")
@@ -311,8 +311,8 @@ def _resolve_paths(spec: SweepSpec, root: Path) -> SweepSpec:
 
 def check_spec(spec: SweepSpec) -> None:
     """The checks that read files or the trainer's schema. Raises SpecError with the field path."""
-    from orchestrator.prompts import load_prompts
-    from orchestrator.space import corner_params, resolve_params
+    from orchestrator.spec.prompts import load_prompts
+    from orchestrator.spec.space import corner_params, resolve_params
     from trainers.config import TrainConfig, load_train_config
     from trainers.config_base import valid_keys
     from trainers.train import reported_metrics
@@ -370,7 +370,7 @@ def check_spec(spec: SweepSpec) -> None:
         except ImportError:
             raise SpecError("search.sampler 'cmaes' needs the cmaes package: pip install cmaes") from None
     if spec.search.sampler == "grid":
-        from orchestrator.space import grid_values
+        from orchestrator.spec.space import grid_values
 
         grid_values(spec)  # raises SpecError for parameters without a finite grid
 

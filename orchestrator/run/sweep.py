@@ -16,15 +16,15 @@ from typing import Any
 
 from mlflow.tracking import MlflowClient
 
-from orchestrator import tracking
-from orchestrator.cluster import init_ray, load_cluster
-from orchestrator.progress import SweepProgress
-from orchestrator.prompts import load_prompts
-from orchestrator.space import optuna_space
-from orchestrator.spec import SweepSpec, base_config_dict, load_sweep_spec, spec_to_dict
-from orchestrator.trainable import SweepContext
-from orchestrator.tuner import build_tuner, can_restore, experiment_path, optuna_storage, restore_tuner
-from orchestrator.workspace import SweepRecord, Workspace
+from orchestrator.run.cluster import init_ray, load_cluster
+from orchestrator.run.trainable import SweepContext
+from orchestrator.run.tuner import build_tuner, can_restore, experiment_path, optuna_storage, restore_tuner
+from orchestrator.run.workspace import SweepRecord, Workspace
+from orchestrator.spec.prompts import load_prompts
+from orchestrator.spec.space import optuna_space
+from orchestrator.spec.spec import SweepSpec, base_config_dict, load_sweep_spec, spec_to_dict
+from orchestrator.track import tracking
+from orchestrator.track.progress import SweepProgress
 
 
 class SweepExistsError(FileExistsError):

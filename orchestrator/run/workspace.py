@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from orchestrator.spec import SpecError, SweepSpec, load_sweep_spec, save_spec
+from orchestrator.spec.spec import SpecError, SweepSpec, load_sweep_spec, save_spec
 
 ENV_VAR = "DREAMSWEEP_WORKSPACE"
 DEFAULT_WORKSPACE = "dreamsweep-workspace"

@@ -48,7 +48,7 @@ def init_ray(cluster: ClusterConfig) -> None:
     imports the trainer stack only moves those imports earlier inside the same cold process, and
     makes torch fix its thread count before Ray sets OMP_NUM_THREADS for the trial (measured with
     tests/benchmarks/bench_sweep_overhead.py: no faster, and 7x slower trials until
-    orchestrator.trainable.match_torch_threads). Making Tune's actors take prestarted workers that
+    orchestrator.run.trainable.match_torch_threads). Making Tune's actors take prestarted workers that
     imported the stack in advance needs two Ray internals (the hook's environment variable, Tune's
     actor class cache) and measured 13.1 -> 12.2 % overhead for ~0.65 GB per prestarted worker (one
     per CPU): not worth it."""

@@ -3,7 +3,7 @@ overhead benchmark use it to measure Ray/Optuna/MLflow cost apart from training 
 
 It honours the same contract (callbacks, checkpoints, resume at the same step) and its loss is a
 smooth function of the searched keys, so a search has something to find. Select it with
-`SweepContext(train_fn="orchestrator.fake_trainer:train", load_prior_fn="orchestrator.fake_trainer:load_prior")`.
+`SweepContext(train_fn="orchestrator.run.fake_trainer:train", load_prior_fn="orchestrator.run.fake_trainer:load_prior")`.
 Seconds per step: $DREAMSWEEP_FAKE_STEP_S (default 0.01), busy-waiting so it costs CPU like training.
 A config with `seed: 7` (FAIL_ONCE_SEED) raises once, just after its first checkpoint, to exercise
 Tune's retries from the last checkpoint.

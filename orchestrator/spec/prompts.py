@@ -17,7 +17,7 @@ import pyarrow.csv as pa_csv
 import pyarrow.feather as pa_feather
 import pyarrow.parquet as pa_parquet
 
-from orchestrator.spec import PromptSelection, PromptSource
+from orchestrator.spec.spec import PromptSelection, PromptSource
 
 SPLITS = ("train", "val", "test")
 

@@ -16,12 +16,12 @@ from typing import Any
 
 import yaml
 
-from orchestrator import tracking
-from orchestrator.progress import trial_params
-from orchestrator.spec import base_config_dict
-from orchestrator.trainable import OBJECTIVE, OPTUNA_TRIAL_KEY, STEP
-from orchestrator.tuner import can_restore, experiment_path, optuna_storage
-from orchestrator.workspace import Workspace
+from orchestrator.run.trainable import OBJECTIVE, OPTUNA_TRIAL_KEY, STEP
+from orchestrator.run.tuner import can_restore, experiment_path, optuna_storage
+from orchestrator.run.workspace import Workspace
+from orchestrator.spec.spec import base_config_dict
+from orchestrator.track import tracking
+from orchestrator.track.progress import trial_params
 
 
 def status(name: str, workspace: Workspace) -> list[dict[str, Any]]:

@@ -13,7 +13,7 @@ from typing import Any
 import optuna
 from optuna.distributions import BaseDistribution, CategoricalDistribution, FloatDistribution, IntDistribution
 
-from orchestrator.spec import CategoricalParam, FloatParam, IntParam, SpecError, SweepSpec
+from orchestrator.spec.spec import CategoricalParam, FloatParam, IntParam, SpecError, SweepSpec
 
 PROMPT_INDEX = "prompt_index"
 T_MIN, T_GAP, T_MAX = "guidance.t_min", "guidance.t_gap", "guidance.t_max"

@@ -129,7 +129,7 @@ def log_best_so_far(
 
 def import_plotting():
     """matplotlib (headless) and Optuna's matplotlib plots: about a second to import, so the sweep's
-    driver imports them while trials run (orchestrator.progress) rather than when the sweep ends."""
+    driver imports them while trials run (orchestrator.track.progress) rather than when the sweep ends."""
     import warnings
 
     import matplotlib

@@ -41,9 +41,9 @@ from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search import ConcurrencyLimiter, SearchGenerator
 from ray.tune.search.optuna import OptunaSearch
 
-from orchestrator.space import PROMPT_INDEX, make_sampler, optuna_space
-from orchestrator.spec import SweepSpec
-from orchestrator.trainable import OBJECTIVE, OPTUNA_TRIAL_KEY, STEP, SweepContext, run_trial
+from orchestrator.run.trainable import OBJECTIVE, OPTUNA_TRIAL_KEY, STEP, SweepContext, run_trial
+from orchestrator.spec.space import PROMPT_INDEX, make_sampler, optuna_space
+from orchestrator.spec.spec import SweepSpec
 
 EXPERIMENT_SNAPSHOT_S = "1"
 QUIET_RAY = {
@@ -310,7 +310,7 @@ def build_tuner(
             failure_config=tune.FailureConfig(max_failures=spec.retries),
             checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
             callbacks=[*callbacks, ReconcileOnRestore(generator)],
-            verbose=0,  # the console is orchestrator.progress's view, not Ray's status dump
+            verbose=0,  # the console is orchestrator.track.progress's view, not Ray's status dump
         ),
     )
 

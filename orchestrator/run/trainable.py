@@ -33,10 +33,10 @@ from typing import Any
 import ray
 from ray import tune
 
-from orchestrator import tracking
-from orchestrator.space import PROMPT_INDEX, resolve_params
+from orchestrator.spec.space import PROMPT_INDEX, resolve_params
+from orchestrator.track import tracking
 
-OPTUNA_TRIAL_KEY = "_optuna_trial"  # injected into each trial's config by orchestrator.tuner.SweepSearch
+OPTUNA_TRIAL_KEY = "_optuna_trial"  # injected into each trial's config by orchestrator.run.tuner.SweepSearch
 PANEL_FILE = "dreamsweep_panel.json"
 OBJECTIVE, STEP = "objective", "step"
 
