@@ -81,7 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def cmd_train(args) -> int:
     from trainers.config import load_train_config
-    from trainers.train import train
+    from trainers.per_prompt import train
 
     config = load_train_config(args.config, args.overrides)
     result = train(config, resume_from=args.resume)

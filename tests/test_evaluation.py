@@ -20,8 +20,8 @@ from trainers.evaluation import (
     psnr,
     ssim,
 )
+from trainers.reference.scenes import SceneConfig, evaluation_cameras, render_scene, scene_field
 from trainers.rendering import Background, BackgroundConfig, RendererConfig, VolumeRenderer
-from trainers.scenes import SceneConfig, evaluation_cameras, render_scene, scene_field
 
 RES = 16
 

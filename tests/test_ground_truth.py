@@ -15,9 +15,9 @@ import pytest
 
 from trainers.config import TrainConfig, load_train_config
 from trainers.evaluation import evaluate_against_scene, ground_truth, render_metrics
-from trainers.priors.reference import ReferencePrior, ReferencePriorConfig
-from trainers.scenes import scene_cache_dir
-from trainers.train import Trainer
+from trainers.per_prompt import Trainer
+from trainers.reference.prior import ReferencePrior, ReferencePriorConfig
+from trainers.reference.scenes import scene_cache_dir
 
 TARGET = "a red cube"
 WRONG = "a blue sphere"

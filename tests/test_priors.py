@@ -401,6 +401,6 @@ def test_prior_config_refuses_a_non_positive_image_size():
 
 
 def test_reference_prior_missing_is_a_clear_error(monkeypatch):
-    monkeypatch.setitem(sys.modules, "trainers.priors.reference", None)  # as if the module were absent
+    monkeypatch.setitem(sys.modules, "trainers.reference.prior", None)  # as if the module were absent
     with pytest.raises(ConfigError, match="reference"):
         load_prior(PriorConfig(name="reference"), device="cpu")

@@ -7,13 +7,13 @@ import math
 import pytest
 import torch
 
-import trainers.scenes as scenes
+import trainers.reference.scenes as scenes
 from trainers.cameras import orbit_cameras, view_dependent_prompt
 from trainers.guidance import GuidanceConfig, add_noise, make_guidance
 from trainers.priors.base import PriorConfig
-from trainers.priors.reference import VOCABULARY, ReferencePrior, ReferencePriorConfig
-from trainers.scenes import all_prompts
-from trainers.text_encoding import SceneTextEncoder, TextEncoderConfig, tokenize
+from trainers.reference.prior import VOCABULARY, ReferencePrior, ReferencePriorConfig
+from trainers.reference.scenes import all_prompts
+from trainers.reference.text_encoder import SceneTextEncoder, TextEncoderConfig, tokenize
 
 SIZE = 16
 UNCOND = ["a blue sphere", "a green torus", "a yellow cone"]

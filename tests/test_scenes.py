@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from trainers.cameras import CameraConfig, view_dependent_prompt
-from trainers.scenes import (
+from trainers.reference.scenes import (
     COLOURS,
     SHAPES,
     SceneConfig,

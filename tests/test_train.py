@@ -7,7 +7,7 @@ import torch
 
 from trainers.checkpoint import latest_checkpoint, list_checkpoints
 from trainers.config import load_train_config
-from trainers.train import NonFiniteLossError, Trainer, reported_metrics, train
+from trainers.per_prompt import NonFiniteLossError, Trainer, reported_metrics, train
 
 # Small but real: hash grid, nerfacc rendering, tiny-sd UNet + VAE + CLIP text encoder.
 TINY = [

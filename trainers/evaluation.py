@@ -5,7 +5,7 @@
 
 `render_fn(cameras, width, height)` is anything that renders like `VolumeRenderer.render` (a dict with
 "rgb" [B,H,W,3], "opacity" [B,H,W,1], "depth" [B,H,W,1]). Views are held out from the reference
-prior's (see `trainers.scenes.evaluation_cameras`); model and truth are both composited onto the scene's
+prior's (see `trainers.reference.scenes.evaluation_cameras`); model and truth are both composited onto the scene's
 background so that a learned background does not count as error. The metrics are pure functions of
 tensors, each checked in tests/test_evaluation.py against an independent computation.
 """
@@ -20,8 +20,8 @@ import torch
 import torch.nn.functional as F
 
 from trainers.cameras import CameraBatch, CameraConfig
-from trainers.priors import default_cache_dir
-from trainers.scenes import (
+from trainers.priors.base import default_cache_dir
+from trainers.reference.scenes import (
     SceneConfig,
     cached_scene_views,
     evaluation_cameras,
@@ -178,7 +178,7 @@ def evaluate_against_scene(
 
 
 # ---------------------------------------------------------------------------------------------------
-# The hooks trainers.train calls
+# The hooks trainers.per_prompt calls
 
 
 def metric_names(config) -> set[str]:
@@ -187,7 +187,7 @@ def metric_names(config) -> set[str]:
 
 
 def evaluate_trainer(trainer) -> dict[str, float]:
-    """Ground-truth metrics of a `trainers.train.Trainer` whose prompt is a scene prompt, else {}."""
+    """Ground-truth metrics of a `trainers.per_prompt.Trainer` whose prompt is a scene prompt, else {}."""
     config = trainer.config
     if not is_scene_prompt(config.prompt):
         return {}

@@ -1,4 +1,4 @@
-"""A stand-in for `trainers.train.train` with a known cost: the orchestrator's plumbing tests and the
+"""A stand-in for `trainers.per_prompt.train` with a known cost: the orchestrator's plumbing tests and the
 overhead benchmark use it to measure Ray/Optuna/MLflow cost apart from training cost.
 
 It honours the same contract (callbacks, checkpoints, resume at the same step) and its loss is a
@@ -16,7 +16,7 @@ import os
 import time
 from pathlib import Path
 
-from trainers.train import TrainResult
+from trainers.per_prompt import TrainResult
 
 LOADS = {"count": 0}
 FAIL_ONCE_SEED = 7

@@ -83,7 +83,7 @@ class SweepContext:
     report_every_s: float = 2.0
     # "module:function" of the training function and the prior loader: the real trainer by default,
     # a fast fake in the orchestrator's plumbing tests.
-    train_fn: str = "trainers.train:train"
+    train_fn: str = "trainers.per_prompt:train"
     load_prior_fn: str = "trainers.priors:load_prior"
     extra_overrides: dict[str, Any] = field(default_factory=dict)
 

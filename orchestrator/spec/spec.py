@@ -315,7 +315,7 @@ def check_spec(spec: SweepSpec) -> None:
     from orchestrator.spec.space import corner_params, resolve_params
     from trainers.config import TrainConfig, load_train_config
     from trainers.config_base import valid_keys
-    from trainers.train import reported_metrics
+    from trainers.per_prompt import reported_metrics
 
     if isinstance(spec.base, str) and not Path(spec.base).is_file():
         raise SpecError(f"base: trainer config {spec.base!r} does not exist")

@@ -17,8 +17,8 @@ import time
 import torch
 
 from trainers.config import load_train_config
+from trainers.per_prompt import Trainer
 from trainers.priors import load_prior, resolve_device
-from trainers.train import Trainer
 
 METHODS = ("sds", "csd", "asd", "vsd")
 

@@ -35,10 +35,10 @@ import torch
 
 from trainers.config import load_train_config
 from trainers.evaluation import ground_truth, on_background
+from trainers.per_prompt import NonFiniteLossError, Trainer
 from trainers.priors import default_cache_dir, load_prior
 from trainers.priors.base import DiffusionPrior
-from trainers.scenes import SceneConfig, benchmark_panel, evaluation_cameras, scene_cache_dir
-from trainers.train import NonFiniteLossError, Trainer
+from trainers.reference.scenes import SceneConfig, benchmark_panel, evaluation_cameras, scene_cache_dir
 
 METRICS = ("eval/psnr", "eval/ssim", "eval/iou")
 RENDER_VIEWS = (0, 3)  # indices into the held-out evaluation orbit shown in study_renders.png

@@ -1,7 +1,7 @@
 """Diffusion priors: one config key (`prior.name`) picks one, `load_prior` loads it.
 
 - "tiny-sd": random weights in the Stable Diffusion layout, built once into the cache directory.
-- "reference": the exact prior of the procedural scenes (`trainers.priors.reference`).
+- "reference": the exact prior of the procedural scenes (`trainers.reference.prior`).
 - anything else: a hub id or a local directory in the Stable Diffusion layout.
 
 diffusers and transformers take seconds to import, so they are imported only when a prior is loaded:
@@ -10,14 +10,12 @@ reading or validating a config (`PriorConfig`) stays fast.
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 
 from trainers.config_base import ConfigError
-from trainers.priors.base import DiffusionPrior, PriorConfig, resolve_device
+from trainers.priors.base import DiffusionPrior, PriorConfig, default_cache_dir, resolve_device
 
 if TYPE_CHECKING:
     from trainers.priors.stable_diffusion import StableDiffusionPrior
@@ -34,12 +32,6 @@ __all__ = [
 ]
 
 BUILTIN_PRIORS = ("tiny-sd", "reference")
-
-
-def default_cache_dir(cfg: PriorConfig | None = None) -> Path:
-    """cfg.cache_dir, else $DREAMSWEEP_CACHE, else ~/.cache/dreamsweep."""
-    chosen = (cfg.cache_dir if cfg else None) or os.environ.get("DREAMSWEEP_CACHE") or "~/.cache/dreamsweep"
-    return Path(chosen).expanduser()
 
 
 def load_prior(cfg: PriorConfig, device: torch.device | str | None = None) -> DiffusionPrior:
@@ -61,12 +53,12 @@ def load_prior(cfg: PriorConfig, device: torch.device | str | None = None) -> Di
 
 def _reference_prior_class() -> Any:
     try:
-        from trainers.priors.reference import ReferencePrior
+        from trainers.reference.prior import ReferencePrior
     except ModuleNotFoundError as exc:
-        if exc.name != "trainers.priors.reference":
+        if exc.name != "trainers.reference.prior":
             raise  # the module exists but something it imports is missing: show that error
         raise ConfigError(
-            "prior.name='reference': the reference prior (trainers/priors/reference.py) is not part of this "
+            "prior.name='reference': the reference prior (trainers/reference/prior.py) is not part of this "
             "installation yet; use prior.name=tiny-sd, a hub id, or a local Stable Diffusion directory"
         ) from exc
     return ReferencePrior

@@ -2,18 +2,20 @@
 
 A prior is a frozen ε-prediction model with a noise schedule. Guidance only ever calls the methods below,
 so a diffusers Stable Diffusion pipeline, the random-weight `tiny-sd` and the exact reference prior
-(`trainers.priors.reference`) are interchangeable.
+(`trainers.reference.prior`) are interchangeable.
 """
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from typing import Literal
 
 import torch
 from pydantic import field_validator
 
 from trainers.config_base import ConfigBase
-from trainers.priors.reference_config import ReferencePriorConfig
+from trainers.reference.config import ReferencePriorConfig
 
 
 class PriorConfig(ConfigBase):
@@ -47,6 +49,12 @@ class PriorConfig(ConfigBase):
                 "prior.image_size must be a positive number of pixels, or null for the native size"
             )
         return value
+
+
+def default_cache_dir(cfg: PriorConfig | None = None) -> Path:
+    """cfg.cache_dir, else $DREAMSWEEP_CACHE, else ~/.cache/dreamsweep."""
+    chosen = (cfg.cache_dir if cfg else None) or os.environ.get("DREAMSWEEP_CACHE") or "~/.cache/dreamsweep"
+    return Path(chosen).expanduser()
 
 
 def resolve_device(device: torch.device | str | None = None) -> torch.device:

@@ -7,8 +7,8 @@ from pydantic import Field, field_validator
 
 from trainers.cameras import CameraConfig
 from trainers.config_base import ConfigBase
-from trainers.scenes import SceneConfig, parse_prompt
-from trainers.text_encoding import TextEncoderConfig
+from trainers.reference.scenes import SceneConfig, parse_prompt
+from trainers.reference.text_encoder import TextEncoderConfig
 
 
 class ReferencePriorConfig(ConfigBase):

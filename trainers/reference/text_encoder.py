@@ -5,7 +5,7 @@ CPU benchmark must run without downloads. Why this one: it needs no training, gi
 every machine the same embedding (sha256, not Python's salted `hash`), and is compositional: a token is
 a fixed random vector per *word* plus a sinusoidal position code, so "a purple torus" is made of the
 same "purple" and "torus" vectors the amortized trainer saw in other combinations (the held-out
-split of `trainers.scenes`), and word order ("red cube on a blue sphere" vs "blue cube on a red
+split of `trainers.reference.scenes`), and word order ("red cube on a blue sphere" vs "blue cube on a red
 sphere") is kept. The output is a token sequence [N, max_length, dim] like CLIP's last hidden state,
 padded with zeros; the empty prompt (the unconditional one) is all zeros.
 """

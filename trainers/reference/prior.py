@@ -28,10 +28,9 @@ import torch
 from diffusers import DDPMScheduler
 
 from trainers.cameras import view_direction_labels
-from trainers.priors import default_cache_dir
-from trainers.priors.base import DiffusionPrior, PriorConfig
-from trainers.priors.reference_config import ReferencePriorConfig
-from trainers.scenes import (
+from trainers.priors.base import DiffusionPrior, PriorConfig, default_cache_dir
+from trainers.reference.config import ReferencePriorConfig
+from trainers.reference.scenes import (
     COLOURS,
     RELATIONS,
     SHAPES,
@@ -43,7 +42,7 @@ from trainers.scenes import (
     single_object_prompts,
     split_view_suffix,
 )
-from trainers.text_encoding import SceneTextEncoder
+from trainers.reference.text_encoder import SceneTextEncoder
 
 DEFAULT_IMAGE_SIZE = 64
 
