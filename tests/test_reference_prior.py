@@ -7,11 +7,17 @@ import math
 import pytest
 import torch
 
+import trainers.reference.basis as basis
 import trainers.reference.scenes as scenes
 from trainers.cameras import orbit_cameras, view_dependent_prompt
 from trainers.guidance import GuidanceConfig, add_noise, make_guidance
 from trainers.priors.base import PriorConfig
-from trainers.reference.prior import VOCABULARY, ReferencePrior, ReferencePriorConfig
+from trainers.reference.prior import (
+    VOCABULARY,
+    CameraConditionedReferencePrior,
+    ReferencePrior,
+    ReferencePriorConfig,
+)
 from trainers.reference.scenes import all_prompts
 from trainers.reference.text_encoder import SceneTextEncoder, TextEncoderConfig, tokenize
 
@@ -20,7 +26,7 @@ UNCOND = ["a blue sphere", "a green torus", "a yellow cone"]
 
 
 def small_config(**overrides) -> ReferencePriorConfig:
-    return ReferencePriorConfig(**{"n_views": 12, "uncond_prompts": UNCOND, "uncond_views": 6, **overrides})
+    return ReferencePriorConfig(**{"n_views": 12, "uncond_prompts": UNCOND, **overrides})
 
 
 @pytest.fixture(scope="module")
@@ -45,8 +51,8 @@ def denoised(prior, x_t, t, eps):
     return (x_t - (1 - alpha).sqrt() * eps) / alpha.sqrt()
 
 
-def render(prior, prompt, index=0):
-    return prior.bank(prompt).images[index : index + 1].view(1, 3, SIZE, SIZE)
+def render(prior, prompt, index=0, size=SIZE):
+    return prior.bank(prompt).images[index : index + 1].view(1, 3, size, size)
 
 
 # -- the text encoder ----------------------------------------------------------------------------------
@@ -115,14 +121,33 @@ def test_renders_are_cached_under_the_cache_dir_so_a_second_prior_does_not_rende
 ):
     prior.encode_text(["a red cube"])
     assert prior.cache_dir.is_relative_to(cache_dir)
-    assert list(prior.cache_dir.glob("a_red_cube-*.npz"))
+    assert list(prior.cache_dir.glob("basis/cube-*.npy"))
 
     def fail(*args, **kwargs):
         raise AssertionError("rendered again instead of reading the cache")
 
-    monkeypatch.setattr(scenes, "render_scene", fail)
+    monkeypatch.setattr(basis, "render_basis", fail)
     again = ReferencePrior(SIZE, prior.cache_dir, "cpu", small_config())
     assert torch.equal(again.bank("a red cube").images, prior.bank("a red cube").images)
+
+
+@pytest.mark.parametrize(
+    "prompt",
+    ["a red cube", "a blue sphere on top of an orange cylinder", "a pink cone beside a cyan cone"],
+)
+def test_a_layouts_basis_maps_compose_into_the_true_render_of_every_colouring(prompt):
+    cameras = scenes.reference_cameras(3)
+    layout, colours = basis.layout_of(prompt)
+    maps = basis.render_basis(layout, cameras, 12)
+    composed = basis.compose(maps.double(), colours, scenes.SceneConfig().background_color)
+    truth = scenes.render_scene(prompt, cameras, 12)["rgb"]
+    assert torch.allclose(composed.float(), truth, atol=1e-5)
+
+
+def test_the_library_is_every_grammar_prompt_in_78_layouts():
+    layouts = basis.all_layouts()
+    prompts = [layout.spec(colours).prompt for layout in layouts for colours in layout.colourings()]
+    assert len(layouts) == 78 and sorted(prompts) == sorted(all_prompts())
 
 
 # -- the closed form --------------------------------------------------------------------------------------
@@ -187,44 +212,147 @@ def test_rows_mixed_by_guidance_are_denoised_each_against_its_own_prompt(prior):
 
 
 def test_view_suffix_keeps_only_renders_with_that_view_label(prior):
-    prior.encode_text(["a red cube"])
-    bank = prior.bank("a red cube")
-    weights = prior.log_prior("a red cube back view", None)[0]
-    is_back = torch.tensor([label == "back" for label in bank.labels])
+    weights = prior.view_log_prior("a red cube back view", None)[0]
+    is_back = torch.tensor([label == "back" for label in prior.labels])
     assert is_back.any() and (~is_back).any()
     assert torch.isfinite(weights[is_back]).all() and torch.isinf(weights[~is_back]).all()
     # No render is labelled "overhead" under the default elevations: all views stay, not none.
-    assert torch.isfinite(prior.log_prior("a red cube overhead view", None)).all()
+    assert torch.isfinite(prior.view_log_prior("a red cube overhead view", None)).all()
 
 
 def test_camera_labels_favour_renders_seen_from_near_the_asked_camera(cache_dir):
-    prior = ReferencePrior(SIZE, cache_dir, "cpu", small_config(camera_sharpness=20.0))
-    bank = prior.bank("a red cube")
+    prior = CameraConditionedReferencePrior(SIZE, cache_dir, "cpu", small_config(camera_sharpness=20.0))
     asked = orbit_cameras(10.0, 0.0, 1.75, 50.0).c2w.reshape(1, 16)
-    weights = prior.log_prior("a red cube", asked)[0]
-    cosine = bank.directions @ torch.nn.functional.normalize(asked.view(4, 4)[:3, 3], dim=0)
+    weights = prior.view_log_prior("a red cube", asked)[0]
+    cosine = prior.directions @ torch.nn.functional.normalize(asked.view(4, 4)[:3, 3], dim=0)
     assert weights.argmax() == cosine.argmax()
 
 
-def test_unconditional_distribution_is_the_fixed_panel_each_prompt_weighted_equally(prior):
+def test_unconditional_distribution_is_fixed_and_weighs_every_prompt_equally(prior):
     fresh = ReferencePrior(SIZE, prior.cache_dir, "cpu", small_config())
-    before = fresh.uncond_bank()
+    before = fresh.uncond_set()
     fresh.encode_text(["a red cube, front view"])
-    uncond = fresh.uncond_bank()
+    uncond = fresh.uncond_set()
     # Asking about a new prompt leaves it unchanged: a cached prior answers the same in any trial order.
-    assert uncond is before and len(uncond.images) == len(UNCOND) * 6
-    weights = uncond.log_weights.exp()
-    assert math.isclose(float(weights.sum()), 1.0, rel_tol=1e-5)
-    per_prompt = torch.stack([weights[i * 6 : (i + 1) * 6].sum() for i in range(len(UNCOND))])
-    assert torch.allclose(per_prompt, torch.full((len(UNCOND),), 1 / len(UNCOND)))
+    assert uncond is before
+    weights = uncond.log_weights.exp()  # [layouts, views, colourings]
+    assert math.isclose(float(weights.sum()), 1.0, rel_tol=1e-9)
+    per_prompt = weights.sum(dim=1)[weights.sum(dim=1) > 0]
+    assert len(per_prompt) == len(UNCOND)
+    assert torch.allclose(per_prompt, torch.full_like(per_prompt, 1 / len(UNCOND)))
 
 
-def test_conditional_mode_grows_the_unconditional_set_with_seen_prompts(prior):
-    fresh = ReferencePrior(SIZE, prior.cache_dir, "cpu", small_config(uncond_prompts="conditional"))
-    fresh.encode_text(["a red cube"])
-    assert len(fresh.uncond_bank().images) == 12
-    fresh.encode_text(["a blue sphere"])
-    assert len(fresh.uncond_bank().images) == 24
+def test_the_default_unconditional_set_is_the_whole_library_and_contains_each_conditional_prompts_renders(
+    cache_dir,
+):
+    prior = ReferencePrior(8, cache_dir, "cpu", ReferencePriorConfig(n_views=2))
+    uncond = prior.uncond_set()
+    assert sum(1 for names in uncond.prompts for name in names if name) == len(all_prompts())
+    for prompt in (
+        "a red cube",
+        "a purple torus beside a yellow capsule",
+        "a cyan cone on top of a cyan cube",
+    ):
+        g, k = uncond.find(prompt)
+        assert torch.equal(uncond.images(g, k), prior.conditional_set(prompt).images(0, 0))
+        # So on a render of the prompt, the unconditional and conditional predictions agree at low t.
+        x0 = render(prior, prompt, 1, size=8)
+        x_t, t, noise = noised(prior, x0, 1)
+        cond, empty = prior.encode_text([prompt, ""])
+        eps = prior.predict_noise(x_t.repeat(2, 1, 1, 1), t.repeat(2), torch.stack([cond, empty]))
+        assert torch.allclose(eps[0], eps[1], atol=1e-3) and torch.allclose(eps[0], noise[0], atol=1e-3)
+
+
+def test_the_priors_answers_do_not_depend_on_the_order_prompts_were_first_asked(cache_dir):
+    prompts = ["a red cube", "a blue sphere", "a green torus beside a purple cone"]
+    first = ReferencePrior(SIZE, cache_dir, "cpu", small_config())
+    second = ReferencePrior(SIZE, cache_dir, "cpu", small_config())
+    first.encode_text(prompts)
+    second.encode_text(prompts[::-1])
+    rows = torch.cat([first.encode_text(prompts), first.encode_text([""])])
+    x_t, t, _ = noised(first, torch.rand(4, 3, SIZE, SIZE) * 2 - 1, 300)
+    assert torch.equal(first.predict_noise(x_t, t, rows), second.predict_noise(x_t, t, rows))
+
+
+def test_the_basis_denoiser_equals_the_closed_form_on_the_explicit_renders(prior):
+    uncond = prior.uncond_set()
+    entries = [(g, k) for g, names in enumerate(uncond.prompts) for k, name in enumerate(names) if name]
+    images = torch.cat([uncond.images(g, k).reshape(12, -1) for g, k in entries]).float() * 2 - 1
+    log_prior = torch.full((1, len(images)), -math.log(len(images)))
+    empty = prior.encode_text([""])
+    for t in (1, 20, 500, 980):
+        x_t, t_batch, _ = noised(
+            prior, images[5].view(1, 3, SIZE, SIZE) + 0.3 * torch.randn(1, 3, SIZE, SIZE), t
+        )
+        exact = prior.mmse_eps(x_t, t_batch, images, log_prior)
+        assert torch.allclose(prior.predict_noise(x_t, t_batch, empty), exact, atol=1e-4)
+
+
+# -- the camera-conditioned prior ------------------------------------------------------------------------
+
+
+def test_with_a_sharp_camera_weighting_the_camera_conditioned_denoiser_is_that_views_closed_form(cache_dir):
+    prior = CameraConditionedReferencePrior(SIZE, cache_dir, "cpu", small_config(camera_sharpness=1e4))
+    cond = prior.encode_text(["a green torus beside a purple cone"])
+    bank = prior.bank("a green torus beside a purple cone")
+    view = 7
+    asked = prior.cameras.c2w[view].reshape(1, 16)
+    x_t, t, _ = noised(prior, torch.rand(1, 3, SIZE, SIZE) * 2 - 1, 600)
+    single_image = prior.mmse_eps(x_t, t, bank.images[view : view + 1], torch.zeros(1, 1))
+    assert torch.allclose(prior.predict_noise(x_t, t, cond, class_labels=asked), single_image, atol=1e-4)
+
+
+def test_the_camera_conditioned_prior_refuses_a_call_without_cameras_and_the_text_prior_one_with(cache_dir):
+    mv = CameraConditionedReferencePrior(SIZE, cache_dir, "cpu", small_config())
+    x_t, t, _ = noised(mv, torch.rand(1, 3, SIZE, SIZE), 300)
+    with pytest.raises(ValueError, match="camera-conditioned.*class_labels"):
+        mv.predict_noise(x_t, t, mv.encode_text(["a red cube"]))
+    text_only = ReferencePrior(SIZE, cache_dir, "cpu", small_config())
+    with pytest.raises(ValueError, match="reference-mv"):
+        text_only.predict_noise(
+            x_t, t, text_only.encode_text(["a red cube"]), class_labels=torch.eye(4).view(1, 16)
+        )
+
+
+@pytest.mark.parametrize("method", ["sds", "csd", "asd", "vsd"])
+def test_guidance_passes_each_renders_camera_to_every_call_of_the_camera_conditioned_prior(cache_dir, method):
+    prior = CameraConditionedReferencePrior(SIZE, cache_dir, "cpu", small_config())
+    asked: list[torch.Tensor] = []
+    predict = prior.predict_noise
+
+    def spy(x_t, t, text_embeddings, class_labels=None):
+        asked.append(class_labels)
+        return predict(x_t, t, text_embeddings, class_labels=class_labels)
+
+    prior.predict_noise = spy
+    cameras = orbit_cameras(10.0, torch.tensor([0.0, 90.0]), 1.75, 50.0)
+    guidance = make_guidance(GuidanceConfig(method=method, t_min=0.02, t_max=0.98), prior)
+    cond = prior.encode_text(["a red cube", "a red cube"])
+    guidance(
+        torch.rand(2, 3, SIZE, SIZE),
+        cond,
+        prior.encode_text([""]),
+        step=0,
+        generator=torch.Generator().manual_seed(0),
+        cameras=cameras,
+    )
+    assert asked and all(labels is not None for labels in asked)
+    for labels in asked:  # rows are [uncond, cond(, cond at t+Δt)] blocks of the batch, in order
+        assert torch.equal(labels, cameras.camera_vector().repeat(len(labels) // 2, 1))
+    guidance.close()
+
+
+def test_guidance_without_cameras_is_refused_by_a_camera_conditioned_prior(cache_dir):
+    prior = CameraConditionedReferencePrior(SIZE, cache_dir, "cpu", small_config())
+    guidance = make_guidance(GuidanceConfig(method="asd"), prior, max_steps=10)
+    with pytest.raises(ValueError, match="camera-conditioned"):
+        guidance(
+            torch.rand(1, 3, SIZE, SIZE),
+            prior.encode_text(["a red cube"]),
+            prior.encode_text([""]),
+            step=0,
+            generator=torch.Generator().manual_seed(0),
+        )
 
 
 # -- with the guidance methods ---------------------------------------------------------------------------
@@ -232,7 +360,7 @@ def test_conditional_mode_grows_the_unconditional_set_with_seen_prompts(prior):
 
 @pytest.mark.parametrize("method", ["sds", "csd", "asd", "vsd"])
 def test_every_guidance_method_runs_on_the_reference_prior_with_finite_gradients(prior, method):
-    guidance = make_guidance(GuidanceConfig(method=method, cfg_scale=7.5), prior)
+    guidance = make_guidance(GuidanceConfig(method=method, cfg_scale=7.5), prior, max_steps=10)
     images = torch.rand(2, 3, 24, 24, requires_grad=True)  # resized to the prior's size by guidance
     cond = prior.encode_text(["a red cube, front view", "a red cube, side view"])
     out = guidance(
@@ -298,3 +426,32 @@ def test_trainer_config_keys_reach_the_reference_prior(cache_dir):
     prior = load_prior(cfg.prior, "cpu")
     assert prior.cfg.n_views == 5 and prior.cfg.uncond_prompts == ["a blue sphere"]
     assert len(prior.bank("a red cube").images) == 5
+
+
+def test_an_unknown_reference_prior_name_is_refused_naming_the_key_and_the_choices():
+    with pytest.raises(ValueError, match=r"prior.name='reference-3d'.*reference, reference-mv"):
+        PriorConfig(name="reference-3d")
+
+
+# -- the supervised ceiling ------------------------------------------------------------------------------
+
+
+def test_supervised_guidance_pulls_the_render_straight_to_the_true_render_at_the_same_camera(prior):
+    from trainers.reference.supervised import ground_truth_target
+
+    cameras = orbit_cameras(10.0, torch.tensor([0.0, 120.0]), 1.75, 50.0)
+    target = ground_truth_target("a red cube", SIZE)
+    guidance = make_guidance(GuidanceConfig(method="supervised"), prior, max_steps=10, target_fn=target)
+    truth = target(cameras)
+    images = torch.rand(2, 3, SIZE, SIZE)
+    generator = torch.Generator().manual_seed(0)
+    empty = prior.encode_text([""])
+    out = guidance(images, empty.expand(2, -1, -1), empty, step=0, generator=generator, cameras=cameras)
+    assert torch.allclose(out.grad, (images - truth) * 2, atol=1e-6)  # in the prior's [-1, 1] units
+    at_truth = guidance(truth, empty.expand(2, -1, -1), empty, step=0, generator=generator, cameras=cameras)
+    assert at_truth.grad.abs().max() < 1e-6
+
+
+def test_supervised_needs_a_prompt_with_a_ground_truth(prior):
+    with pytest.raises(ValueError, match="supervised.*ground"):
+        make_guidance(GuidanceConfig(method="supervised"), prior, max_steps=10)

@@ -53,6 +53,27 @@ def test_timestep_pair_always_samples_t_min_below_t_max():
         study.tell(trial, 0.0)
 
 
+def test_an_annealed_timestep_search_keeps_t_min_below_t_max_at_every_step_of_every_sample():
+    from trainers.guidance import GuidanceConfig
+
+    s = spec(
+        timesteps={
+            "start": {"t_min": [0.3, 0.6], "gap": [0.2, 0.38]},
+            "end": {"t_min": [0.02, 0.3], "gap": [0.1, 0.6]},
+        }
+    )
+    space = optuna_space(s, 1)
+    assert set(space) == {f"{key}.{end}" for key in (T_MIN, T_GAP) for end in ("start", "end")}
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    for _ in range(100):
+        trial = study.ask(space)
+        resolved = resolve_params(trial.params)
+        assert set(resolved) == {T_MIN, T_MAX}
+        config = GuidanceConfig(t_min=resolved[T_MIN], t_max=resolved[T_MAX])
+        config.check_timesteps(max_steps=1000)  # raises at the first step where T_min >= T_max
+        study.tell(trial, 0.0)
+
+
 def test_resolved_t_max_is_t_min_plus_gap():
     assert resolve_params({T_MIN: 0.1, T_GAP: 0.5, "guidance.eta": 0.2}) == {
         T_MIN: 0.1,

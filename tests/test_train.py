@@ -57,10 +57,19 @@ def test_twenty_step_asd_run_writes_checkpoint_render_grid_and_turntable(tmp_pat
 def test_resumed_run_ends_bit_for_bit_where_an_uninterrupted_one_does(tmp_path, tiny_sd_prior):
     full = train(tiny_config(tmp_path / "full", "max_steps=12"), tiny_sd_prior, progress=False)
     interrupted_cfg = tiny_config(tmp_path / "cut", "max_steps=12", "logging.checkpoint_every=5")
-    # "Killed" after step 7: train a first run to 7 steps with the same checkpoint cadence.
-    train(interrupted_cfg.model_copy(update={"max_steps": 7}), tiny_sd_prior, progress=False)
+
+    class Killed(Exception):
+        pass
+
+    def kill_at_step_10(step, metrics):
+        if step == 10:  # logged before step 10's checkpoint is written: the last one is step 5's
+            raise Killed
+
+    # The same 12-step run (the annealed t range spans all 12 steps), killed during step 10.
+    with pytest.raises(Killed):
+        train(interrupted_cfg, tiny_sd_prior, on_metrics=kill_at_step_10, progress=False)
     steps = [int(p.name.split("_")[1]) for p in list_checkpoints(tmp_path / "cut" / "checkpoints")]
-    assert 5 in steps
+    assert steps == [5]
     resumed = train(
         interrupted_cfg,
         tiny_sd_prior,

@@ -84,6 +84,11 @@ class TrainConfig(ConfigBase):
         return value
 
     @model_validator(mode="after")
+    def _timesteps_ordered_at_every_step(self) -> TrainConfig:
+        self.guidance.check_timesteps(self.max_steps)
+        return self
+
+    @model_validator(mode="after")
     def _resolution_usable(self) -> TrainConfig:
         if self.resolution % 2:
             raise ValueError(f"resolution must be even (got {self.resolution}); e.g. resolution=64")

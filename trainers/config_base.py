@@ -29,14 +29,19 @@ class ConfigBase(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
 
 
-# A schedule is a constant, or [start_value, end_value, start_step, end_step]: linear in between,
-# held outside (threestudio's convention, used for the timestep range annealing).
+# A schedule is a constant; [start_value, end_value]: linear from the first step to the last step of the
+# run (ScaleDreamer's timestep annealing); or [start_value, end_value, start_step, end_step]: linear
+# in between, held outside (threestudio's convention).
 Schedule = float | list[float]
 
 
-def schedule_value(schedule: Schedule, step: int) -> float:
+def schedule_value(schedule: Schedule, step: int, max_steps: int | None = None) -> float:
     if isinstance(schedule, int | float):
         return float(schedule)
+    if len(schedule) == 2:
+        if max_steps is None:
+            raise ValueError(f"the schedule {schedule} runs over the whole run: give max_steps")
+        schedule = [*schedule, 0, max_steps - 1]
     start_value, end_value, start_step, end_step = schedule
     if step <= start_step:
         return float(start_value)
@@ -46,10 +51,22 @@ def schedule_value(schedule: Schedule, step: int) -> float:
     return float(start_value + frac * (end_value - start_value))
 
 
+def schedule_breakpoints(schedules: Iterable[Schedule], max_steps: int | None = None) -> list[int]:
+    """The steps where piecewise-linear schedules can reach their extremes (and their differences)."""
+    steps = {0}
+    for schedule in schedules:
+        if isinstance(schedule, list) and len(schedule) == 4:
+            steps.update({int(schedule[2]), int(schedule[3])})
+        elif isinstance(schedule, list) and max_steps is not None:
+            steps.add(max_steps - 1)
+    return sorted(steps)
+
+
 def check_schedule(value: Schedule, field: str) -> Schedule:
-    if isinstance(value, list) and len(value) != 4:
+    if isinstance(value, list) and len(value) not in (2, 4):
         raise ValueError(
-            f"{field}: a schedule is a number or [start_value, end_value, start_step, end_step], got {value}"
+            f"{field}: a schedule is a number, [start_value, end_value] over the run, or "
+            f"[start_value, end_value, start_step, end_step]; got {value}"
         )
     return value
 

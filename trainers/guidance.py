@@ -11,7 +11,11 @@ With x_t = √ᾱ_t·x0 + √(1−ᾱ_t)·ε and w(t) = 1 − ᾱ_t:
     CSD: w(t)·s·(ε_cond(x_t, t) − ε_uncond(x_t, t))
     VSD: w(t)·(ε̂_cfg(x_t, t) − ε_lora(x_t, t, π))
     ASD: w(t)·(ε̂_cfg(x_t, t) − ε_cond(x_{t+Δt}, t+Δt)), the same ε at both timesteps
-where ε̂_cfg = ε_uncond + s·(ε_cond − ε_uncond).
+where ε̂_cfg = ε_uncond + s·(ε_cond − ε_uncond). A camera-conditioned prior (`prior.camera_conditioned`)
+gets each render's camera in every one of these calls.
+
+Beside them, `supervised` (trainers.reference.supervised) fits the renders to ground-truth renders at
+the same cameras: the ceiling a distillation method is measured against on the reference benchmark.
 """
 
 from __future__ import annotations
@@ -25,13 +29,21 @@ import torch.nn as nn
 import torch.nn.functional as F
 from pydantic import Field, field_validator, model_validator
 
-from trainers.config_base import ConfigBase, Schedule, check_schedule, schedule_range, schedule_value
+from trainers.cameras import CameraBatch
+from trainers.config_base import (
+    ConfigBase,
+    Schedule,
+    check_schedule,
+    schedule_breakpoints,
+    schedule_range,
+    schedule_value,
+)
 from trainers.priors.base import DiffusionPrior
 
 # eps_fn(x_t [N,...], t [N] long, cond [N] bool) -> ε̂ [N,...]; True rows are text-conditional.
 EpsFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
-METHODS = ("sds", "csd", "asd", "vsd")
+METHODS = ("sds", "csd", "asd", "vsd", "supervised")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -123,11 +135,13 @@ def asd_timestep_shift(
 
 
 class GuidanceConfig(ConfigBase):
-    method: Literal["asd", "sds", "csd", "vsd"] = "asd"
+    method: Literal["asd", "sds", "csd", "vsd", "supervised"] = "asd"
     cfg_scale: float = 7.5
-    # The timestep range as fractions of the prior's T: constants or [start, end, start_step, end_step].
-    t_min: Schedule = 0.02
-    t_max: Schedule = 0.98
+    # The timestep range as fractions of the prior's T: a constant, [start, end] linear from the first
+    # to the last step, or [start, end, start_step, end_step]. The default is ScaleDreamer's annealing:
+    # [0.5, 0.98] at the first step to [0.02, 0.5] at the last (coarse shape first, then detail).
+    t_min: Schedule = [0.5, 0.02]
+    t_max: Schedule = [0.98, 0.5]
     # ASD's timestep shift ratio η and whether Δt is drawn uniformly (the paper) or fixed at its maximum.
     eta: float = 0.1
     eta_random: bool = True
@@ -164,19 +178,29 @@ class GuidanceConfig(ConfigBase):
         for name, (lo, hi) in (("guidance.t_min", (lo_min, hi_min)), ("guidance.t_max", (lo_max, hi_max))):
             if lo < 0 or hi > 1:
                 raise ValueError(f"{name} is a fraction of the prior's timesteps and must lie in [0, 1]")
-        # Checked at every breakpoint of both schedules, where a linear schedule's extremes lie.
-        steps = {0}
-        for sched in (self.t_min, self.t_max):
-            if isinstance(sched, list):
-                steps.update({int(sched[2]), int(sched[3])})
-        for step in sorted(steps):
-            lo, hi = schedule_value(self.t_min, step), schedule_value(self.t_max, step)
-            if lo >= hi:
-                raise ValueError(
-                    f"guidance.t_min ({lo}) must be < guidance.t_max ({hi}) at step {step}; "
-                    "e.g. guidance.t_min=0.02 guidance.t_max=0.98"
-                )
+        # Schedules over the whole run are checked at both ends here, and at every step once the run's
+        # length is known (`check_timesteps`).
+        ends = [
+            [s[0], s[1], 0, 1] if isinstance(s, list) and len(s) == 2 else s for s in (self.t_min, self.t_max)
+        ]
+        check_timestep_order(*ends, max_steps=None)
         return self
+
+    def check_timesteps(self, max_steps: int) -> None:
+        """T_min < T_max at every step of a run of `max_steps` steps (ValueError naming the step)."""
+        check_timestep_order(self.t_min, self.t_max, max_steps)
+
+
+def check_timestep_order(t_min: Schedule, t_max: Schedule, max_steps: int | None) -> None:
+    # Both schedules are piecewise linear, so their difference is extreme at a breakpoint of either.
+    for step in schedule_breakpoints((t_min, t_max), max_steps):
+        lo, hi = schedule_value(t_min, step, max_steps), schedule_value(t_max, step, max_steps)
+        if lo >= hi:
+            raise ValueError(
+                f"guidance.t_min ({lo:g}) must be < guidance.t_max ({hi:g}) at step {step}; e.g. the "
+                "annealed default guidance.t_min=[0.5,0.02] guidance.t_max=[0.98,0.5], or constants "
+                "guidance.t_min=0.02 guidance.t_max=0.98"
+            )
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -208,16 +232,19 @@ class Guidance(nn.Module):
 
     method: str = ""
 
-    def __init__(self, cfg: GuidanceConfig, prior: DiffusionPrior):
+    def __init__(self, cfg: GuidanceConfig, prior: DiffusionPrior, max_steps: int | None = None):
         super().__init__()
         self.cfg = cfg
         self.prior = prior
+        self.max_steps = max_steps  # what schedules over the whole run are spread over
         self.num_train_timesteps = prior.num_train_timesteps
+        if max_steps is not None:
+            cfg.check_timesteps(max_steps)
 
     def timestep_range(self, step: int) -> tuple[int, int]:
         total = self.num_train_timesteps
-        t_min = int(total * schedule_value(self.cfg.t_min, step))
-        t_max = int(total * schedule_value(self.cfg.t_max, step))
+        t_min = int(total * schedule_value(self.cfg.t_min, step, self.max_steps))
+        t_max = int(total * schedule_value(self.cfg.t_max, step, self.max_steps))
         return max(t_min, 1), min(max(t_max, t_min + 1), total - 1)
 
     def to_prior_input(self, images: torch.Tensor) -> torch.Tensor:
@@ -227,16 +254,28 @@ class Guidance(nn.Module):
             images = F.interpolate(images, (size, size), mode="bilinear", align_corners=False)
         return self.prior.encode_images(images)
 
-    def eps_fn(self, cond_embeddings: torch.Tensor, uncond_embeddings: torch.Tensor) -> EpsFn:
-        """Row i of the batch is conditioned on its own (view-dependent) prompt or on the empty prompt."""
+    def eps_fn(
+        self,
+        cond_embeddings: torch.Tensor,
+        uncond_embeddings: torch.Tensor,
+        camera_vectors: torch.Tensor | None = None,
+    ) -> EpsFn:
+        """Row i of the batch is conditioned on its own (view-dependent) prompt or on the empty prompt,
+        and, for a camera-conditioned prior, on its render's camera (in every call: cond, uncond, t+Δt)."""
+        if self.prior.camera_conditioned and camera_vectors is None:
+            raise ValueError(
+                f"{type(self.prior).__name__} is camera-conditioned: guidance needs each render's camera "
+                "(camera_vectors=cameras.camera_vector())"
+            )
 
         def fn(x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
             repeats = x_t.shape[0] // cond_embeddings.shape[0]
             text = cond_embeddings.repeat(repeats, 1, 1)
             uncond = uncond_embeddings.expand_as(text)
             embeddings = torch.where(cond.view(-1, 1, 1), text, uncond)
+            cameras = camera_vectors.repeat(repeats, 1) if self.prior.camera_conditioned else None
             with torch.no_grad():
-                return self.prior.predict_noise(x_t, t, embeddings)
+                return self.prior.predict_noise(x_t, t, embeddings, class_labels=cameras)
 
         return fn
 
@@ -263,13 +302,17 @@ class Guidance(nn.Module):
         step: int,
         generator: torch.Generator,
         camera_vectors: torch.Tensor | None = None,
+        cameras: CameraBatch | None = None,
     ) -> GuidanceOutput:
+        """`cameras` (or just their `camera_vectors`, flattened c2w) are the renders' cameras."""
+        if camera_vectors is None and cameras is not None:
+            camera_vectors = cameras.camera_vector()
         x0 = self.to_prior_input(images)
         batch = x0.shape[0]
         device = x0.device
         t = self.sample(batch, step, generator).to(device)
         noise = torch.randn(x0.shape, generator=generator, device=generator.device).to(device)
-        eps_fn = self.eps_fn(cond_embeddings, uncond_embeddings)
+        eps_fn = self.eps_fn(cond_embeddings, uncond_embeddings, camera_vectors)
         grad, extras = self.compute_grad(x0.detach(), t, noise, eps_fn, camera_vectors, generator, step)
         grad = torch.nan_to_num(grad)
         if self.cfg.grad_clip is not None:
@@ -322,9 +365,25 @@ class ASDGuidance(Guidance):
         return grad, {"t_plus": t_plus}
 
 
-def make_guidance(cfg: GuidanceConfig, prior: DiffusionPrior) -> Guidance:
+def make_guidance(
+    cfg: GuidanceConfig,
+    prior: DiffusionPrior,
+    max_steps: int | None = None,
+    target_fn: Callable[[CameraBatch], torch.Tensor] | None = None,
+) -> Guidance:
+    """The method `cfg.method` names. `max_steps`: the run's length, for schedules over the whole run.
+    `target_fn(cameras) -> images [B, 3, H, W]`: the ground truth `supervised` fits (nothing else uses it)."""
     if cfg.method == "vsd":
         from trainers.vsd import VSDGuidance  # the LoRA machinery is only imported when asked for
 
-        return VSDGuidance(cfg, prior)
-    return {"sds": SDSGuidance, "csd": CSDGuidance, "asd": ASDGuidance}[cfg.method](cfg, prior)
+        return VSDGuidance(cfg, prior, max_steps)
+    if cfg.method == "supervised":
+        from trainers.reference.supervised import SupervisedGuidance
+
+        if target_fn is None:
+            raise ValueError(
+                "guidance.method=supervised fits ground-truth renders: it needs a prompt with a ground "
+                "truth (a reference scene prompt with prior.name=reference or reference-mv)"
+            )
+        return SupervisedGuidance(cfg, prior, max_steps, target_fn)
+    return {"sds": SDSGuidance, "csd": CSDGuidance, "asd": ASDGuidance}[cfg.method](cfg, prior, max_steps)

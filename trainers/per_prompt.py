@@ -116,7 +116,9 @@ class Trainer:
         self.background = Background(config.background).to(self.device)
         self.renderer = VolumeRenderer(config.renderer, self.field, self.background, config.geometry.radius)
         self.renderer.to(self.device)
-        self.guidance: Guidance = make_guidance(config.guidance, self.prior)
+        self.guidance: Guidance = make_guidance(
+            config.guidance, self.prior, config.max_steps, ground_truth_target_fn(config)
+        )
         self.cameras = CameraSampler(config.camera)
         self.text = TextConditioning(self.prior, config)
         self.optimizer = torch.optim.Adam(
@@ -175,7 +177,7 @@ class Trainer:
             self.text.uncond,
             step=self.step,
             generator=self.generator,
-            camera_vectors=cameras.camera_vector(),
+            cameras=cameras,
         )
         opacity = out["opacity"].clamp(1e-5, 1 - 1e-5)
         terms = {"guidance": guided.loss, **guided.extra_losses}
@@ -237,6 +239,19 @@ class Trainer:
 
     def close(self) -> None:
         self.guidance.close()
+
+
+def ground_truth_target_fn(config: TrainConfig):
+    """What `guidance.method: supervised` fits: the true scene at the training cameras (None otherwise)."""
+    if config.guidance.method != "supervised":
+        return None
+    from trainers.reference.scenes import is_scene_prompt
+    from trainers.reference.supervised import ground_truth_target
+
+    if not is_scene_prompt(config.prompt):
+        return None  # make_guidance says what supervised needs
+
+    return ground_truth_target(config.prompt, config.resolution, config.prior.reference.scene)
 
 
 def seed_everything(seed: int) -> None:

@@ -102,7 +102,9 @@ class ResidualScore(nn.Module):
 
     def forward(self, x_t, t, embeddings, cameras):
         with torch.no_grad():
-            base = self.prior.predict_noise(x_t, t, embeddings)
+            # A camera-conditioned prior (reference-mv) is asked at the render's camera here too.
+            labels = cameras.to(x_t.device) if self.prior.camera_conditioned else None
+            base = self.prior.predict_noise(x_t, t, embeddings, class_labels=labels)
         n, _, h, w = x_t.shape
         features = [x_t, (t.float() / self.prior.num_train_timesteps).view(n, 1, 1, 1).expand(n, 1, h, w)]
         if self.camera_condition:
@@ -116,8 +118,8 @@ class ResidualScore(nn.Module):
 class VSDGuidance(Guidance):
     method = "vsd"
 
-    def __init__(self, cfg: GuidanceConfig, prior: DiffusionPrior):
-        super().__init__(cfg, prior)
+    def __init__(self, cfg: GuidanceConfig, prior: DiffusionPrior, max_steps: int | None = None):
+        super().__init__(cfg, prior, max_steps)
         if prior.unet is not None:
             self.score = UNetLoRAScore(prior, cfg.lora_rank, cfg.lora_camera_condition)
         else:
@@ -153,7 +155,17 @@ class VSDGuidance(Guidance):
         loss_lora = F.mse_loss(self.score(x_fit, t_fit, cond_embeddings, cameras), noise_fit)
         return grad, {"extra_losses": {"loss_lora": loss_lora}}
 
-    def forward(self, images, cond_embeddings, uncond_embeddings, *, step, generator, camera_vectors=None):
+    def forward(
+        self,
+        images,
+        cond_embeddings,
+        uncond_embeddings,
+        *,
+        step,
+        generator,
+        camera_vectors=None,
+        cameras=None,
+    ):
         self._cond_embeddings = cond_embeddings
         return super().forward(
             images,
@@ -162,6 +174,7 @@ class VSDGuidance(Guidance):
             step=step,
             generator=generator,
             camera_vectors=camera_vectors,
+            cameras=cameras,
         )
 
     def close(self) -> None:

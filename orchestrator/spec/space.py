@@ -2,7 +2,9 @@
 
 The Optuna parameter names are the dotted trainer keys themselves (`guidance.eta`), except for the
 timestep pair, sampled as `guidance.t_min` and a gap `guidance.t_gap` so that T_max = T_min + gap is
-above T_min by construction (a TPE or CMA-ES sampler never sees an infeasible region).
+above T_min by construction (a TPE or CMA-ES sampler never sees an infeasible region). An annealed
+range samples such a pair for each end (`guidance.t_min.start`, `guidance.t_gap.start`, `.end`), and
+both ends become the two-point schedules `guidance.t_min: [start, end]`, `guidance.t_max: [...]`.
 A fan-out sweep is a grid over one parameter, `prompt_index`, so every sweep is an Optuna study.
 """
 
@@ -13,10 +15,30 @@ from typing import Any
 import optuna
 from optuna.distributions import BaseDistribution, CategoricalDistribution, FloatDistribution, IntDistribution
 
-from orchestrator.spec.spec import CategoricalParam, FloatParam, IntParam, SpecError, SweepSpec
+from orchestrator.spec.spec import (
+    AnnealedTimesteps,
+    CategoricalParam,
+    FloatParam,
+    IntParam,
+    SpecError,
+    SweepSpec,
+    TimestepPair,
+)
 
 PROMPT_INDEX = "prompt_index"
 T_MIN, T_GAP, T_MAX = "guidance.t_min", "guidance.t_gap", "guidance.t_max"
+ENDS = ("start", "end")
+
+
+def timestep_ranges(timesteps: TimestepPair | AnnealedTimesteps) -> dict[str, tuple[float, float]]:
+    """The Optuna parameters of a timestep search and their [low, high]."""
+    if isinstance(timesteps, TimestepPair):
+        return {T_MIN: timesteps.t_min, T_GAP: timesteps.gap}
+    ranges = {}
+    for end in ENDS:
+        pair = getattr(timesteps, end)
+        ranges[f"{T_MIN}.{end}"], ranges[f"{T_GAP}.{end}"] = pair.t_min, pair.gap
+    return ranges
 
 
 def optuna_space(spec: SweepSpec, num_prompts: int) -> dict[str, BaseDistribution]:
@@ -31,8 +53,8 @@ def optuna_space(spec: SweepSpec, num_prompts: int) -> dict[str, BaseDistributio
         else:
             space[key] = CategoricalDistribution(param.choices)
     if spec.search.timesteps is not None:
-        space[T_MIN] = FloatDistribution(*spec.search.timesteps.t_min)
-        space[T_GAP] = FloatDistribution(*spec.search.timesteps.gap)
+        for key, bounds in timestep_ranges(spec.search.timesteps).items():
+            space[key] = FloatDistribution(*bounds)
     return space
 
 
@@ -77,10 +99,17 @@ def grid_values(spec: SweepSpec) -> dict[str, list[Any]]:
 
 
 def resolve_params(params: dict[str, Any]) -> dict[str, Any]:
-    """Optuna params -> dotted trainer overrides (the timestep gap becomes T_max)."""
-    overrides = {key: value for key, value in params.items() if key not in (T_GAP, PROMPT_INDEX)}
+    """Optuna params -> dotted trainer overrides (the timestep gap becomes T_max; the two ends of an
+    annealed range become two-point schedules)."""
+    annealed = [f"{key}.{end}" for key in (T_MIN, T_GAP) for end in ENDS]
+    overrides = {key: value for key, value in params.items() if key not in (T_GAP, PROMPT_INDEX, *annealed)}
     if T_GAP in params:
         overrides[T_MAX] = round(float(params[T_MIN]) + float(params[T_GAP]), 9)
+    if f"{T_MIN}.start" in params:
+        lows = [float(params[f"{T_MIN}.{end}"]) for end in ENDS]
+        gaps = [float(params[f"{T_GAP}.{end}"]) for end in ENDS]
+        overrides[T_MIN] = [round(low, 9) for low in lows]
+        overrides[T_MAX] = [round(low + gap, 9) for low, gap in zip(lows, gaps, strict=True)]
     return overrides
 
 
@@ -92,7 +121,6 @@ def corner_params(spec: SweepSpec) -> list[dict[str, Any]]:
     for key, param in spec.search.space.items():
         ranges[key] = list(param.choices) if isinstance(param, CategoricalParam) else [param.low, param.high]
     if spec.search.timesteps is not None:
-        ranges[T_MIN] = list(spec.search.timesteps.t_min)
-        ranges[T_GAP] = list(spec.search.timesteps.gap)
+        ranges |= {key: list(bounds) for key, bounds in timestep_ranges(spec.search.timesteps).items()}
     count = max(len(values) for values in ranges.values())
     return [{key: values[min(i, len(values) - 1)] for key, values in ranges.items()} for i in range(count)]

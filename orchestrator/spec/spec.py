@@ -148,9 +148,19 @@ class TimestepPair(ConfigBase):
         return self
 
 
+class AnnealedTimesteps(ConfigBase):
+    """The annealed range's two ends searched: T_min and T_max run linearly from `start` at the first step
+    to `end` at the last; each end is a (T_min, gap) pair, so T_min < T_max at both ends, hence at
+    every step."""
+
+    start: TimestepPair
+    end: TimestepPair
+
+
 class SearchConfig(ConfigBase):
     space: dict[str, Param] = {}
-    timesteps: TimestepPair | None = None
+    # {t_min, gap}: a constant range; {start: {t_min, gap}, end: {t_min, gap}}: an annealed one.
+    timesteps: TimestepPair | AnnealedTimesteps | None = None
     sampler: Literal["tpe", "cmaes", "gp", "random", "grid"] = "tpe"
     seed: int = 0
     # TPE / GP random start-up trials (Optuna's n_startup_trials); None: Optuna's default.

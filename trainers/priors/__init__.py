@@ -16,6 +16,7 @@ import torch
 
 from trainers.config_base import ConfigError
 from trainers.priors.base import DiffusionPrior, PriorConfig, default_cache_dir, resolve_device
+from trainers.reference.config import REFERENCE_PRIORS
 
 if TYPE_CHECKING:
     from trainers.priors.stable_diffusion import StableDiffusionPrior
@@ -31,13 +32,13 @@ __all__ = [
     "resolve_device",
 ]
 
-BUILTIN_PRIORS = ("tiny-sd", "reference")
+BUILTIN_PRIORS = ("tiny-sd", *REFERENCE_PRIORS)
 
 
 def load_prior(cfg: PriorConfig, device: torch.device | str | None = None) -> DiffusionPrior:
     """The prior `cfg.name` names, frozen, on `device` (None / "auto": CUDA when present)."""
     device = resolve_device(device)
-    if cfg.name == "reference":
+    if cfg.name in REFERENCE_PRIORS:
         return _reference_prior_class().from_config(cfg, device=device)
 
     from trainers.priors.stable_diffusion import StableDiffusionPrior

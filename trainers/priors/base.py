@@ -15,7 +15,7 @@ import torch
 from pydantic import field_validator
 
 from trainers.config_base import ConfigBase
-from trainers.reference.config import ReferencePriorConfig
+from trainers.reference.config import REFERENCE_PRIORS, ReferencePriorConfig
 
 
 class PriorConfig(ConfigBase):
@@ -38,6 +38,10 @@ class PriorConfig(ConfigBase):
     def _name_not_empty(cls, value: str) -> str:
         if not value.strip():
             raise ValueError("prior.name is empty: use 'tiny-sd', 'reference', a hub id or a local path")
+        if value.startswith("reference") and value not in REFERENCE_PRIORS:
+            raise ValueError(
+                f"prior.name={value!r} is no reference prior; use one of {', '.join(REFERENCE_PRIORS)}"
+            )
         return value
 
     @field_validator("image_size")
@@ -74,6 +78,8 @@ class DiffusionPrior:
     device: torch.device
     dtype: torch.dtype
     unet: torch.nn.Module | None = None  # for VSD's LoRA; None when the prior has no UNet
+    # True: every predict_noise call takes each row's camera (flattened c2w) as `class_labels`.
+    camera_conditioned: bool = False
 
     def encode_text(self, prompts: list[str]) -> torch.Tensor:
         """Prompts -> conditioning embeddings [N, L, D] (the empty string is the unconditional one)."""

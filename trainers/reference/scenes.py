@@ -247,7 +247,7 @@ def primitive_sdf(shape: str, p: torch.Tensor) -> torch.Tensor:
     raise ValueError(f"unknown shape {shape!r}; shapes are {', '.join(SHAPES)}")
 
 
-def _layout(
+def layout(
     spec: SceneSpec, single_scale: float
 ) -> list[tuple[SceneObject, tuple[float, float, float], float]]:
     """(object, centre, scale) per object, inside [-1, 1]^3."""
@@ -296,12 +296,12 @@ class SceneField(nn.Module):
         super().__init__()
         self.spec = parse_prompt(spec) if isinstance(spec, str) else spec
         self.cfg = cfg or SceneConfig()
-        layout = _layout(self.spec, self.cfg.single_scale)
-        self.shapes = [obj.shape for obj, _, _ in layout]
-        self.register_buffer("centres", torch.tensor([c for _, c, _ in layout], dtype=torch.float32))
-        self.register_buffer("scales", torch.tensor([s for _, _, s in layout], dtype=torch.float32))
+        placed = layout(self.spec, self.cfg.single_scale)
+        self.shapes = [obj.shape for obj, _, _ in placed]
+        self.register_buffer("centres", torch.tensor([c for _, c, _ in placed], dtype=torch.float32))
+        self.register_buffer("scales", torch.tensor([s for _, _, s in placed], dtype=torch.float32))
         self.register_buffer(
-            "albedo", torch.tensor([COLOURS[o.colour] for o, _, _ in layout], dtype=torch.float32)
+            "albedo", torch.tensor([COLOURS[o.colour] for o, _, _ in placed], dtype=torch.float32)
         )
         light = torch.tensor(self.cfg.light_direction, dtype=torch.float32)
         self.register_buffer("light", light / light.norm())
@@ -405,8 +405,21 @@ def render_scene(
     """Ground-truth renders {"rgb" [V,H,W,3], "opacity" [V,H,W,1], "depth" [V,H,W,1]} on the CPU,
     by the project's own VolumeRenderer, onto the scene's solid background."""
     scene_cfg = scene_cfg or SceneConfig()
-    field = scene_field(prompt, scene_cfg)
-    background = Background(BackgroundConfig(kind="solid", color=scene_cfg.background_color))
+    return render_field(
+        scene_field(prompt, scene_cfg), cameras, resolution, scene_cfg.background_color, chunk
+    )
+
+
+@torch.no_grad()
+def render_field(
+    field: SceneField,
+    cameras: CameraBatch,
+    resolution: int,
+    background_color: tuple[float, float, float],
+    chunk: int = 8,
+) -> dict[str, torch.Tensor]:
+    """`render_scene` for an already built field (e.g. one whose albedos were replaced)."""
+    background = Background(BackgroundConfig(kind="solid", color=background_color))
     renderer = VolumeRenderer(ground_truth_renderer_config(), field, background, 1.0)
     renderer.eval()
     parts: dict[str, list[torch.Tensor]] = {}
