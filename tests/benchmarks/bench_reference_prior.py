@@ -6,7 +6,9 @@
   unconditional set the 48 single-object prompts × 8 views, the conditional set 32 views, squared
   distances by direct differences row by row;
 - now: the basis form over the whole library (4,560 prompts × 16 views), both priors.
-Each call is ASD's batch of 3 rows (uncond and cond at t, cond at t+Δt) with one 1-thread torch. It also
+Each call is ASD's batch of 3 rows (uncond and cond at t, cond at t+Δt) on a noised render of the
+prompt, at t spread over [20, 980] as training draws it (the cost depends on t: at low t the pruning
+bound leaves out most of the library), with a 1-thread torch. It also
 prints the basis form's largest error against the explicit float64 closed form on the same renders.
 The first run renders the library's basis maps into the cache (minutes at 64 px; not timed).
 """
@@ -14,6 +16,7 @@ The first run renders the library's basis maps into the cache (minutes at 64 px;
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import time
 
@@ -96,15 +99,22 @@ def bench_size(size: int, calls: int, cache_dir) -> None:
     text_prior.uncond_set(), mv_prior.uncond_set()
     rows = torch.stack([empty, cond, cond])
     generator = torch.Generator().manual_seed(0)
-    x_t = torch.randn(3, 3, size, size, generator=generator)
-    t = torch.tensor([500, 500, 540])
+    x0 = text_prior.bank(PROMPT).images[3].view(1, 3, size, size)
+    inputs = []
+    for t in torch.linspace(20, 980, calls).long().tolist():
+        steps = torch.tensor([t, t, min(t + 40, 999)])
+        alpha = text_prior.alphas_cumprod[steps].view(-1, 1, 1, 1)
+        noise = torch.randn(3, 3, size, size, generator=generator)
+        inputs.append((alpha.sqrt() * x0 + (1 - alpha).sqrt() * noise, steps))
     cameras = reference_cameras(1).c2w.reshape(1, 16).repeat(3, 1)
     before = BeforePrior(size, cache_dir, text_prior.alphas_cumprod)
-    base = timed(lambda: before.predict_noise(x_t, t), calls)
+    base = timed(lambda: [before.predict_noise(x, t) for x, t in inputs], 1) / calls
     print(f"{size:>5} {'before':<14} {base:>10.1f} {1.0:>9.2f} {'':>22}")
     for name, prior, labels in (("reference", text_prior, None), ("reference-mv", mv_prior, cameras)):
-        ms = timed(lambda p=prior, c=labels: p.predict_noise(x_t, t, rows, class_labels=c), calls)
-        print(f"{size:>5} {name:<14} {ms:>10.1f} {ms / base:>9.2f} {accuracy(prior):>22.2e}")
+        ms = timed(
+            lambda p=prior, c=labels: [p.predict_noise(x, t, rows, class_labels=c) for x, t in inputs], 1
+        )
+        print(f"{size:>5} {name:<14} {ms / calls:>10.1f} {ms / calls / base:>9.2f} {accuracy(prior):>22.2e}")
 
 
 def accuracy(prior: ReferencePrior) -> float:
@@ -112,12 +122,13 @@ def accuracy(prior: ReferencePrior) -> float:
     library render (where the posterior is sharpest) and at random points. On a 1,000-prompt subset of
     the library's renders (all 4,560 × 16 at once would need gigabytes for the explicit form)."""
     scenes = prior.uncond_set()
+    real = torch.isfinite(scenes.log_weights).view(-1).nonzero()[:, 0]  # not the padding of short layouts
     keep = torch.zeros_like(scenes.log_weights, dtype=torch.bool)
-    keep.view(-1)[torch.randperm(keep.numel(), generator=torch.Generator().manual_seed(0))[:1000]] = True
+    keep.view(-1)[real[torch.randperm(len(real), generator=torch.Generator().manual_seed(0))[:1000]]] = True
     subset_log = torch.where(keep, scenes.log_weights, torch.full_like(scenes.log_weights, -math.inf))
     entries = keep.nonzero().tolist()  # (layout, view, colouring)
     images = torch.stack([scenes.images(g, k)[v].reshape(-1) for g, v, k in entries]) * 2 - 1
-    subset = type(scenes)(scenes.maps, scenes.coefficients, subset_log, scenes.norms, scenes.prompts)
+    subset = dataclasses.replace(scenes, log_weights=subset_log)
     worst = 0.0
     for t in (1, 20, 200, 500, 980):
         alpha = prior.alphas_cumprod[[t]].double()

@@ -90,6 +90,11 @@ class SceneSet:
     log_weights: torch.Tensor  # [G, V, K]; −inf pads layouts with fewer colourings
     norms: torch.Tensor  # [G, V, K]: ‖image‖² of every render
     prompts: list[list[str]]  # [G][K] the canonical prompt of each colouring ("" for padding)
+    # For the pruning bound (`candidate_blocks`): the maps' orthonormal 8×8 block averages, and each
+    # render's squared norm inside (‖P·image‖²) and norm outside (‖(I−P)·image‖) that projection.
+    coarse_maps: torch.Tensor | None = None  # [G, V, 3, 64] float32
+    coarse_norms: torch.Tensor | None = None  # [G, V, K]
+    rest_norms: torch.Tensor | None = None  # [G, V, K]
 
     @staticmethod
     def build(
@@ -116,8 +121,23 @@ class SceneSet:
         gram = torch.einsum("gvmp,gvnp->gvmn", stacked, stacked)
         # ‖Σ_m c_m ⊗ A_m‖² = Σ_ch Σ_mn c_m[ch]·c_n[ch]·⟨A_m, A_n⟩
         norms = torch.einsum("gkmc,gknc,gvmn->gvk", coefficients, coefficients, gram)
-        maps32 = stacked.to(device, torch.float32)
-        return SceneSet(maps32, coefficients.to(device), log_weights.to(device), norms.to(device), prompts)
+        side = int(math.isqrt(stacked.shape[-1]))
+        factor = max(side // COARSE_SIDE, 1)
+        coarse = block_sum(stacked, side, factor) / factor
+        coarse_norms = torch.einsum(
+            "gkmc,gknc,gvmn->gvk", coefficients, coefficients, torch.einsum("gvmp,gvnp->gvmn", coarse, coarse)
+        )
+        rest_norms = (norms - coarse_norms).clamp(min=0).sqrt()
+        return SceneSet(
+            stacked.to(device, torch.float32),
+            coefficients.to(device),
+            log_weights.to(device),
+            norms.to(device),
+            prompts,
+            coarse.to(device, torch.float32),
+            coarse_norms.to(device),
+            rest_norms.to(device),
+        )
 
     def images(self, g: int, k: int) -> torch.Tensor:
         """The renders [V, 3, P] in [0, 1] of layout g coloured by colouring k."""
@@ -131,6 +151,12 @@ class SceneSet:
         raise KeyError(f"{canonical!r} is not in this set")
 
 
+# A render whose logit is bounded this far below the best one is left out of a call: its weight is
+# below e^-40 of the best's, so all of them together move the mean by less than 1e-13 of an image.
+PRUNE_NATS = 40.0
+COARSE_SIDE = 8  # the bound's images are 8×8 block averages
+
+
 def posterior_mean(
     scenes: SceneSet, x_t: torch.Tensor, alpha: torch.Tensor, view_log_prior: torch.Tensor
 ) -> torch.Tensor:
@@ -138,28 +164,90 @@ def posterior_mean(
 
     `view_log_prior` [b or 1, V] adds a per-view log-weight (view labels, camera weighting). The
     squared distances are expanded (‖y‖² − 2s⟨y, x⟩ + s²‖x‖²) so that each costs a few numbers per
-    layout and view instead of a pass over the image. The two passes over the maps (the projections
-    and the mean) run in float32, which is what bounds their cost; everything between them, where
-    the expansion cancels, in float64. Measured against the explicit float64 closed form on the
-    library at 32 px, |Δε̂| ≤ 3e-6 at t = 1 and ≤ 1e-6 from t = 20 (tests/benchmarks/bench_reference_prior.py).
+    layout and view instead of a pass over the image. The passes over the maps (the projections and
+    the mean) run in float32, which is what bounds their cost; everything between them, where the
+    expansion cancels, in float64. Renders whose weight is provably negligible (`candidate_blocks`)
+    are skipped. Against the explicit float64 closed form, |Δε̂| stays below 1e-5
+    (tests/benchmarks/bench_reference_prior.py prints it).
     """
     b = x_t.shape[0]
     g, v, m, p = scenes.maps.shape
     alpha = alpha.to(torch.float64).view(b, 1, 1)
     # x_t − √ᾱ·(2·image − 1) = y − s·image with y = x_t + √ᾱ and s = 2√ᾱ.
     y = x_t.to(torch.float64) + alpha.sqrt()
-    s = 2 * alpha.sqrt().view(b)
-    sigma2 = (1 - alpha).view(b)
-    maps = scenes.maps.reshape(g * v * m, p)
-    projections = (maps @ y.to(maps.dtype).permute(2, 0, 1).reshape(p, b * 3)).double().view(g, v, m, b, 3)
-    cross = torch.einsum("gvmbc,gkmc->bgvk", projections, scenes.coefficients)
-    sq_dist = y.pow(2).sum(dim=(1, 2)).view(b, 1, 1, 1) - 2 * s.view(b, 1, 1, 1) * cross
-    sq_dist = sq_dist + s.pow(2).view(b, 1, 1, 1) * scenes.norms[None]
-    logits = scenes.log_weights[None] + view_log_prior.to(torch.float64).view(-1, 1, v, 1)
-    logits = logits - sq_dist / (2 * sigma2.view(b, 1, 1, 1))
-    weights = torch.softmax(logits.reshape(b, -1), dim=-1).view(b, g, v, -1)
-    per_map = torch.einsum("bgvk,gkmc->bcgvm", weights, scenes.coefficients).reshape(b * 3, g * v * m)
-    return (per_map.to(maps.dtype) @ maps).double().view(b, 3, p)
+    s = 2 * alpha.sqrt().view(b, 1, 1)
+    sigma2 = (1 - alpha).view(b, 1, 1)
+    prior = scenes.log_weights[None] + view_log_prior.to(torch.float64).view(-1, 1, v, 1)
+    prior = prior.flatten(1, 2).expand(b, -1, -1)  # [b, G·V, K]
+    blocks = candidate_blocks(scenes, y, s, sigma2, prior)
+    maps, coefficients = scenes.maps.view(g * v, m, p), scenes.coefficients.repeat_interleave(v, dim=0)
+    norms = scenes.norms.flatten(0, 1)
+    if blocks is not None:  # a gather costs a pass over what it keeps: only worth it for a few blocks
+        maps, coefficients, norms, prior = maps[blocks], coefficients[blocks], norms[blocks], prior[:, blocks]
+    n = maps.shape[0]
+    projections = (maps.reshape(-1, p) @ y.to(maps.dtype).permute(2, 0, 1).reshape(p, b * 3)).double()
+    cross = torch.einsum("nmbc,nkmc->bnk", projections.view(n, m, b, 3), coefficients)
+    sq_dist = y.pow(2).sum(dim=(1, 2)).view(b, 1, 1) - 2 * s * cross + s.pow(2) * norms[None]
+    logits = prior - sq_dist / (2 * sigma2)
+    weights = torch.softmax(logits.reshape(b, -1), dim=-1).view(b, n, -1)
+    per_map = torch.einsum("bnk,nkmc->bcnm", weights, coefficients).reshape(b * 3, -1)
+    return (per_map.to(maps.dtype) @ maps.reshape(-1, p)).double().view(b, 3, p)
+
+
+def candidate_blocks(
+    scenes: SceneSet, y: torch.Tensor, s: torch.Tensor, sigma2: torch.Tensor, prior: torch.Tensor
+) -> torch.Tensor | None:
+    """The (layout, view) blocks [n] whose renders can weigh more than e^-PRUNE_NATS of the best, or
+    None where that is more than a quarter of them (then a full pass is cheaper than a gather).
+
+    A lower bound on each squared distance comes from the renders' 8×8 block averages, an orthogonal
+    projection P: ‖y − s·x‖² ≥ ‖P(y − s·x)‖² + (‖(I−P)y‖ − s‖(I−P)x‖)². The bound's best block is
+    then scored exactly, and every block whose bound cannot come within PRUNE_NATS of that is dropped.
+    At large t nothing can be dropped.
+    """
+    g, v, m, p = scenes.maps.shape
+    side = int(math.isqrt(p))
+    factor = side // COARSE_SIDE
+    if factor < 2:
+        return None
+    b = y.shape[0]
+    coarse_y = block_sum(y, side, factor) / factor  # orthonormal coordinates of P·y
+    projections = scenes.coarse_maps.reshape(-1, COARSE_SIDE**2) @ coarse_y.float().permute(2, 0, 1).reshape(
+        -1, b * 3
+    )
+    cross = torch.einsum("gvmbc,gkmc->bgvk", projections.double().view(g, v, m, b, 3), scenes.coefficients)
+    coarse_norm_y = coarse_y.pow(2).sum(dim=(1, 2)).view(b, 1, 1, 1)
+    rest_y = (y.pow(2).sum(dim=(1, 2)).view(b, 1, 1, 1) - coarse_norm_y).clamp(min=0).sqrt()
+    s4, sigma4 = s.view(b, 1, 1, 1), sigma2.view(b, 1, 1, 1)
+    bound = coarse_norm_y - 2 * s4 * cross + s4.pow(2) * scenes.coarse_norms[None]
+    bound = bound + (rest_y - s4 * scenes.rest_norms[None]).pow(2)
+    upper = (
+        (prior.view(-1, g, v, prior.shape[-1]) - bound / (2 * sigma4)).flatten(1, 2).amax(dim=-1)
+    )  # [b, G·V]
+    best = upper.argmax(dim=1)
+    exact_best = exact_block_logits(scenes, y, s, sigma2, prior, best)  # [b]
+    keep = (upper >= exact_best[:, None] - PRUNE_NATS).any(dim=0)
+    return keep.nonzero()[:, 0] if keep.sum() < 0.25 * len(keep) else None
+
+
+def exact_block_logits(scenes, y, s, sigma2, prior, blocks) -> torch.Tensor:
+    """The best exact logit of block blocks[i] for row i."""
+    g, v, m, p = scenes.maps.shape
+    maps = scenes.maps.view(g * v, m, p)[blocks].double()  # [b, m, P]
+    projections = torch.einsum("bmp,bcp->bmc", maps, y)
+    coefficients = scenes.coefficients.repeat_interleave(v, dim=0)[blocks]  # [b, K, m, 3]
+    cross = torch.einsum("bmc,bkmc->bk", projections, coefficients)
+    norms = scenes.norms.flatten(0, 1)[blocks]
+    sq_dist = y.pow(2).sum(dim=(1, 2))[:, None] - 2 * s.view(-1, 1) * cross + s.view(-1, 1).pow(2) * norms
+    rows = torch.arange(len(blocks), device=y.device)
+    return (prior[rows, blocks] - sq_dist / (2 * sigma2.view(-1, 1))).amax(dim=-1)
+
+
+def block_sum(images: torch.Tensor, side: int, factor: int) -> torch.Tensor:
+    """[..., side²] -> [..., (side/factor)²]: sums over factor×factor pixel blocks."""
+    lead = images.shape[:-1]
+    grid = images.reshape(*lead, side // factor, factor, side // factor, factor)
+    return grid.sum(dim=(-3, -1)).reshape(*lead, -1)
 
 
 class ReferencePrior(DiffusionPrior):
