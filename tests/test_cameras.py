@@ -10,6 +10,7 @@ from trainers.cameras import (
     CameraSampler,
     generate_rays,
     orbit_cameras,
+    spread_cameras,
     turntable_cameras,
     view_dependent_prompt,
     view_direction_labels,
@@ -176,3 +177,24 @@ def test_invalid_camera_config_names_the_field(overrides, field):
 def test_camera_config_refuses_unknown_keys():
     with pytest.raises(ConfigError, match="elevation_range"):
         build_config(CameraConfig, {"elevation_rang": [0, 10]})
+
+
+def test_fixed_views_draw_every_training_camera_from_the_same_spread_set():
+    cfg = CameraConfig(fixed_views=5)
+    spread = spread_cameras(5, cfg)
+    cameras = CameraSampler(cfg).sample(64, torch.Generator().manual_seed(0))
+    matches = (cameras.c2w[:, None] - spread.c2w[None]).abs().flatten(2).amax(-1) < 1e-6  # [64, 5]
+    assert matches.any(dim=1).all()  # every draw is one of the five
+    assert matches.any(dim=0).all()  # and each of the five is drawn
+
+
+def test_fixed_views_must_be_the_reference_priors_views():
+    from trainers.config import ConfigError, load_train_config
+
+    with pytest.raises(ConfigError, match=r"camera.fixed_views=8 must equal prior.reference.n_views=16"):
+        load_train_config(None, ["prior.name=reference-mv", "camera.fixed_views=8"])
+    with pytest.raises(ConfigError, match="camera's ranges"):
+        load_train_config(
+            None, ["prior.name=reference-mv", "camera.fixed_views=16", "camera.elevation_range=[0,30]"]
+        )
+    load_train_config(None, ["prior.name=reference-mv", "camera.fixed_views=16"])  # the prior's own views

@@ -29,6 +29,10 @@ class CameraConfig(ConfigBase):
     distance_range: tuple[float, float] = (1.5, 2.0)
     fovy_range: tuple[float, float] = (40.0, 70.0)  # degrees
     view_dependent_prompting: bool = True
+    # 0: training cameras are drawn from the continuous ranges. N > 0: each is one of N fixed cameras
+    # spread over the ranges (`spread_cameras`): the reference benchmark sets N to its prior's
+    # `n_views`, so that the camera-conditioned prior has a true render at every training camera.
+    fixed_views: int = Field(0, ge=0)
     # DreamFusion's view labels: |azimuth| < front_threshold is "front", > 180 - back_threshold is
     # "back", the rest "side"; elevation > overhead_threshold is "overhead" whatever the azimuth.
     front_threshold: float = Field(45.0, ge=0.0, le=180.0)  # degrees
@@ -94,6 +98,9 @@ class CameraBatch:
     def to(self, device: torch.device | str) -> CameraBatch:
         return CameraBatch(**{f.name: getattr(self, f.name).to(device) for f in fields(self)})
 
+    def __getitem__(self, index: torch.Tensor | slice) -> CameraBatch:
+        return CameraBatch(**{f.name: getattr(self, f.name)[index] for f in fields(self)})
+
     def camera_vector(self) -> torch.Tensor:
         """[B, 16] flattened c2w: the camera condition VSD's LoRA is given."""
         return self.c2w.reshape(len(self), 16)
@@ -148,14 +155,20 @@ def turntable_cameras(n_frames: int, elevation: float, distance: float, fovy: fl
 
 
 class CameraSampler:
-    """Random training cameras, uniform in each configured range."""
+    """Random training cameras: uniform in each configured range, or uniform over `fixed_views` cameras."""
 
     def __init__(self, cfg: CameraConfig):
         self.cfg = cfg
+        self.fixed = spread_cameras(cfg.fixed_views, cfg) if cfg.fixed_views else None
 
     def sample(self, batch_size: int, generator: torch.Generator) -> CameraBatch:
         # Every draw comes from `generator`, in a fixed order, so that a resumed run that restores the
         # generator's state sees exactly the cameras an uninterrupted one would.
+        if self.fixed is not None:
+            index = torch.randint(
+                0, len(self.fixed), (batch_size,), generator=generator, device=generator.device
+            )
+            return self.fixed[index.cpu()]
         u = torch.rand(4, batch_size, generator=generator, device=generator.device).cpu()
 
         def in_range(row: torch.Tensor, bounds: tuple[float, float]) -> torch.Tensor:
@@ -168,6 +181,26 @@ class CameraSampler:
             distance=in_range(u[2], self.cfg.distance_range),
             fovy_deg=in_range(u[3], self.cfg.fovy_range),
         )
+
+
+def spread_cameras(n_views: int, cfg: CameraConfig | None = None, seed: int = 0) -> CameraBatch:
+    """`n_views` cameras spread over the training camera ranges (elevation, azimuth, distance, fovy).
+
+    A scrambled Sobol sequence (torch.quasirandom) rather than i.i.d. draws, so that even a few dozen
+    views cover the ranges evenly. The first n of a longer set are the set of n.
+    """
+    cfg = cfg or CameraConfig()
+    u = torch.quasirandom.SobolEngine(4, scramble=True, seed=seed).draw(n_views)
+
+    def in_range(column: torch.Tensor, bounds: tuple[float, float]) -> torch.Tensor:
+        return bounds[0] + (bounds[1] - bounds[0]) * column
+
+    return orbit_cameras(
+        in_range(u[:, 0], cfg.elevation_range),
+        in_range(u[:, 1], cfg.azimuth_range),
+        in_range(u[:, 2], cfg.distance_range),
+        in_range(u[:, 3], cfg.fovy_range),
+    )
 
 
 def generate_rays(cameras: CameraBatch, width: int, height: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -89,6 +89,22 @@ class TrainConfig(ConfigBase):
         return self
 
     @model_validator(mode="after")
+    def _fixed_views_are_the_reference_priors(self) -> TrainConfig:
+        # Fixed training views only help if they are the views the reference prior rendered.
+        if self.camera.fixed_views and self.prior.name.startswith("reference"):
+            reference = self.prior.reference
+            ranges = ("elevation_range", "azimuth_range", "distance_range", "fovy_range")
+            if self.camera.fixed_views != reference.n_views or any(
+                getattr(self.camera, key) != getattr(reference.camera, key) for key in ranges
+            ):
+                raise ValueError(
+                    f"camera.fixed_views={self.camera.fixed_views} must equal prior.reference.n_views="
+                    f"{reference.n_views}, and camera's ranges prior.reference.camera's, for the training "
+                    "cameras to be the reference prior's; or camera.fixed_views=0"
+                )
+        return self
+
+    @model_validator(mode="after")
     def _resolution_usable(self) -> TrainConfig:
         if self.resolution % 2:
             raise ValueError(f"resolution must be even (got {self.resolution}); e.g. resolution=64")

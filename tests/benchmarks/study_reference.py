@@ -111,7 +111,7 @@ def group_tasks(group: str, seeds: int | None) -> list[Task]:
             for steps in (150, 600, 2000)
         ]
     if group == "quickstart":
-        settings = [ASD, Setting("asd", 1.0, 0.1), Setting("asd", 7.5, 1.0), Setting("sds"), SUPERVISED]
+        settings = [ASD, Setting("asd", 1.0, 0.1), Setting("asd", 7.5, 1.0), SUPERVISED]
         return [
             Task(group, s, prompt, seed, 100, (50, 100))
             for s in settings

@@ -27,7 +27,7 @@ import torch
 import torch.nn as nn
 from pydantic import Field, field_validator
 
-from trainers.cameras import CameraBatch, CameraConfig, orbit_cameras
+from trainers.cameras import CameraBatch, CameraConfig, orbit_cameras, spread_cameras
 from trainers.config_base import ConfigBase
 from trainers.rendering import Background, BackgroundConfig, RendererConfig, VolumeRenderer
 
@@ -359,24 +359,10 @@ def scene_field(prompt: str, cfg: SceneConfig | None = None) -> SceneField:
 
 
 def reference_cameras(n_views: int, camera_cfg: CameraConfig | None = None, seed: int = 0) -> CameraBatch:
-    """`n_views` cameras spread over the training camera ranges (elevation, azimuth, distance, fovy).
-
-    A scrambled Sobol sequence (torch.quasirandom) rather than i.i.d. draws, so that even a few dozen
-    views cover the ranges evenly: the reference prior's renders are the empirical distribution of
-    what the trainer's cameras see.
-    """
-    cfg = camera_cfg or CameraConfig()
-    u = torch.quasirandom.SobolEngine(4, scramble=True, seed=seed).draw(n_views)
-
-    def in_range(column: torch.Tensor, bounds: tuple[float, float]) -> torch.Tensor:
-        return bounds[0] + (bounds[1] - bounds[0]) * column
-
-    return orbit_cameras(
-        in_range(u[:, 0], cfg.elevation_range),
-        in_range(u[:, 1], cfg.azimuth_range),
-        in_range(u[:, 2], cfg.distance_range),
-        in_range(u[:, 3], cfg.fovy_range),
-    )
+    """The reference prior's `n_views` cameras, spread over the training camera ranges
+    (`trainers.cameras.spread_cameras`): its renders are the empirical distribution of what the
+    trainer's cameras see, exactly so with `camera.fixed_views` equal to `n_views`."""
+    return spread_cameras(n_views, camera_cfg, seed)
 
 
 def evaluation_cameras(n_views: int, camera_cfg: CameraConfig | None = None) -> CameraBatch:
