@@ -1,19 +1,24 @@
 import math
+import warnings
 
 import pytest
 import torch
 from pydantic import ValidationError
 from torch import nn
 
+from trainers import rendering
 from trainers.cameras import CameraConfig, CameraSampler, generate_rays, orbit_cameras
 from trainers.config_base import ConfigError, build_config
 from trainers.geometry import HashGridConfig, ImplicitVolume, ImplicitVolumeConfig
 from trainers.rendering import (
     Background,
     BackgroundConfig,
+    EstimatorFallback,
     RendererConfig,
     VolumeRenderer,
+    occgrid_update_due,
     ray_box_intersection,
+    resolve_estimator,
 )
 
 TINY_GRID = HashGridConfig(n_levels=4, log2_hashmap_size=12, base_resolution=4, per_level_scale=2.0)
@@ -203,10 +208,88 @@ def test_auto_estimator_uses_uniform_sampling_on_cpu_and_update_step_is_a_no_op_
     assert out["opacity"][0, 1:3, 1:3].min() > 0.99
 
 
-def test_occgrid_estimator_on_cpu_is_a_clear_error():
-    renderer = _renderer(Sphere(radius=0.5, density=1.0), estimator="occgrid")
-    with pytest.raises(RuntimeError, match="estimator"):
-        renderer.render(orbit_cameras(0.0, 0.0, 2.0, 30.0), 4, 4)
+def test_occgrid_asked_for_on_cpu_warns_once_and_renders_with_the_uniform_sampler():
+    sphere = Sphere(radius=0.5, density=10.0)
+    renderer = _renderer(sphere, estimator="occgrid")
+    cameras = orbit_cameras(0.0, 0.0, 2.0, 30.0)
+    with pytest.warns(EstimatorFallback, match="renderer.estimator=occgrid needs CUDA.*uniform"):
+        out = renderer.render(cameras, 4, 4)
+    expected = _renderer(sphere, estimator="uniform").render(cameras, 4, 4)
+    assert torch.equal(out["rgb"], expected["rgb"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a second render does not repeat the message
+        renderer.render(cameras, 4, 4)
+
+
+@pytest.mark.parametrize(
+    "choice, device, sampler, falls_back",
+    [
+        ("auto", "cuda", "occgrid", False),
+        ("auto", "cpu", "uniform", False),
+        ("occgrid", "cuda", "occgrid", False),
+        ("occgrid", "cpu", "uniform", True),
+        ("occgrid", "mps", "uniform", True),
+        ("uniform", "cuda", "uniform", False),
+    ],
+)
+def test_resolve_estimator_picks_the_occupancy_grid_only_on_cuda(choice, device, sampler, falls_back):
+    chosen, message = resolve_estimator(choice, device)
+    assert chosen == sampler
+    assert (message is not None) == falls_back
+
+
+def test_occgrid_update_schedule_is_every_n_steps_from_step_zero():
+    cfg = RendererConfig(occgrid_update_every=16)
+    assert [step for step in range(50) if occgrid_update_due(step, cfg)] == [0, 16, 32, 48]
+
+
+def _occgrid_renderer_forced_on(monkeypatch, field, **overrides) -> VolumeRenderer:
+    # The grid's update is plain PyTorch (only its ray traversal needs CUDA), so the CUDA branch of
+    # update_step runs here once the device decision is made to say "occgrid".
+    monkeypatch.setattr(rendering, "resolve_estimator", lambda choice, device_type: ("occgrid", None))
+    renderer = _renderer(field, estimator="occgrid", occgrid_resolution=8, **overrides)
+    renderer.train()
+    return renderer
+
+
+def test_occgrid_update_step_refreshes_the_grid_from_the_field_only_on_due_steps(monkeypatch):
+    field = Sphere(radius=0.5, density=0.0)
+    renderer = _occgrid_renderer_forced_on(
+        monkeypatch, field, occgrid_update_every=4, occgrid_warmup_steps=100
+    )
+    assert renderer.estimator.binaries.all()  # starts fully occupied: nothing skipped before an update
+    renderer.update_step(0)  # due: an empty field empties the grid
+    assert not renderer.estimator.binaries.any()
+    field.value = 1e3
+    for step in (1, 2, 3):  # not due: the grid keeps what it saw at step 0
+        renderer.update_step(step)
+    assert not renderer.estimator.binaries.any()
+    renderer.update_step(4)  # due (and in warm-up: every cell re-evaluated): the ball appears
+    occupied = renderer.estimator.binaries.float().mean()
+    ball_fraction = (4 / 3 * math.pi * 0.5**3) / 2.0**3
+    assert 0.5 * ball_fraction < occupied < 2.0 * ball_fraction
+
+
+def test_occgrid_update_uses_the_configured_threshold_and_decay(monkeypatch):
+    calls = []
+    renderer = _occgrid_renderer_forced_on(
+        monkeypatch,
+        Sphere(radius=0.5, density=1.0),
+        occgrid_threshold=0.05,
+        occgrid_ema_decay=0.9,
+        occgrid_warmup_steps=7,
+    )
+    monkeypatch.setattr(renderer.estimator, "update_every_n_steps", lambda **kwargs: calls.append(kwargs))
+    renderer.update_step(0)
+    renderer.eval()
+    renderer.update_step(16)  # no updates outside training
+    assert len(calls) == 1
+    assert {k: calls[0][k] for k in ("occ_thre", "ema_decay", "warmup_steps", "n")} == {
+        "occ_thre": 0.05,
+        "ema_decay": 0.9,
+        "warmup_steps": 7,
+        "n": 1,
+    }
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -257,6 +340,8 @@ def test_parameter_groups_split_the_parameters_into_encoding_and_network():
         (RendererConfig, {"estimator": "proposal"}, "estimator"),
         (RendererConfig, {"eval_chunk_rays": 0}, "eval_chunk_rays"),
         (RendererConfig, {"occgrid_threshold": -1.0}, "occgrid_threshold"),
+        (RendererConfig, {"occgrid_ema_decay": 1.5}, "occgrid_ema_decay"),
+        (RendererConfig, {"occgrid_warmup_steps": -1}, "occgrid_warmup_steps"),
         (BackgroundConfig, {"random_aug_prob": 1.5}, "random_aug_prob"),
         (BackgroundConfig, {"color": [0.0, 2.0, 0.0]}, "color"),
         (BackgroundConfig, {"kind": "sky"}, "kind"),

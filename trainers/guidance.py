@@ -248,8 +248,15 @@ class Guidance(nn.Module):
         return max(t_min, 1), min(max(t_max, t_min + 1), total - 1)
 
     def to_prior_input(self, images: torch.Tensor) -> torch.Tensor:
-        """Renders [B,3,H,W] in [0,1] -> x0 at the prior's resolution (through the VAE if it has one)."""
-        size = self.prior.image_size
+        """Renders [B,3,H,W] in [0,1] -> x0, differentiable back to the renders.
+
+        Renders are resized (bilinear, as the authors do) to the size the prior's encoder takes,
+        `prior.input_size`. For a latent prior on the default path (prior.encoder=vae) that is image_size:
+        a 64 px render is upsampled to 512 and VAE-encoded to 64² latents, and the gradient flows back
+        through the encoder. With prior.encoder=linear it is the latent size (64), mapped to latents by a
+        fixed linear map; pixel-space priors take image_size directly.
+        """
+        size = self.prior.input_size
         if images.shape[-1] != size or images.shape[-2] != size:
             images = F.interpolate(images, (size, size), mode="bilinear", align_corners=False)
         return self.prior.encode_images(images)

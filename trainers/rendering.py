@@ -6,7 +6,8 @@ Two ray samplers share one compositing path:
   batched [n_rays, n_samples] layout. Runs anywhere (nerfacc's weight and accumulation functions are
   plain PyTorch in that layout).
 - "occgrid": nerfacc's occupancy-grid estimator (Instant-NGP's empty-space skipping) with packed
-  samples. Its ray marching is a CUDA kernel, so it runs on CUDA only; "auto" picks it there.
+  samples. Its ray marching is a CUDA kernel, so it runs on CUDA only; "auto" picks it there, and an
+  explicit "occgrid" elsewhere falls back to "uniform" with a warning (`resolve_estimator`).
 
 All randomness (stratified jitter, background augmentation) comes from the `generator` passed to
 `render`, so that a resumed run renders exactly what an uninterrupted one would.
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import warnings
 from typing import Literal
 
 import nerfacc
@@ -88,10 +90,40 @@ class RendererConfig(ConfigBase):
     # by this, so it sets the same resolution along the ray (GPU configs raise it, e.g. 512).
     num_samples_per_ray: int = Field(64, ge=1)
     estimator: Literal["auto", "uniform", "occgrid"] = "auto"  # auto: occgrid on CUDA, else uniform
+    # The occupancy grid (nerfacc's OccGridEstimator, Instant-NGP's schedule): cells per side; refreshed
+    # every `occgrid_update_every` training steps; during the first `occgrid_warmup_steps` every cell is
+    # re-evaluated, afterwards a quarter of them (uniform + occupied) per update; each cell keeps an EMA
+    # (decay `occgrid_ema_decay`) of density x marching step, and is skipped while that stays below
+    # `occgrid_threshold` (capped by the grid's mean, so a thin scene never empties the grid).
     occgrid_resolution: int = Field(64, ge=1)
     occgrid_update_every: int = Field(16, ge=1)
+    occgrid_warmup_steps: int = Field(256, ge=0)
+    occgrid_ema_decay: float = Field(0.95, ge=0.0, le=1.0)
     occgrid_threshold: float = Field(0.01, ge=0.0)
     eval_chunk_rays: int = Field(16384, ge=1)  # rays rendered at once outside training, to bound memory
+
+
+class EstimatorFallback(UserWarning):
+    """renderer.estimator=occgrid was asked for on a device without nerfacc's CUDA kernels."""
+
+
+def resolve_estimator(choice: str, device_type: str) -> tuple[Literal["uniform", "occgrid"], str | None]:
+    """The ray sampler used for `renderer.estimator=choice` on a device: (sampler, fallback message)."""
+    if choice == "uniform":
+        return "uniform", None
+    if device_type == "cuda":
+        return "occgrid", None
+    if choice == "occgrid":
+        return "uniform", (
+            "renderer.estimator=occgrid needs CUDA (nerfacc's grid traversal is a CUDA kernel); rendering "
+            f"on {device_type} with the uniform sampler instead. Set renderer.estimator=auto to silence this"
+        )
+    return "uniform", None
+
+
+def occgrid_update_due(step: int, cfg: RendererConfig) -> bool:
+    """Whether training step `step` refreshes the occupancy grid (step 0 included)."""
+    return step % cfg.occgrid_update_every == 0
 
 
 def ray_box_intersection(
@@ -133,25 +165,26 @@ class VolumeRenderer(nn.Module):
             # Start with every cell occupied: until the first update (and if update_step is never
             # called) the grid then skips nothing instead of everything.
             self.estimator.binaries.fill_(True)
+        self._warned_fallback = False
 
     # -- occupancy grid --------------------------------------------------------------------------
 
     def uses_occgrid(self, device: torch.device) -> bool:
-        if self.cfg.estimator == "occgrid" and device.type != "cuda":
-            raise RuntimeError(
-                "renderer.estimator='occgrid' needs CUDA (nerfacc's grid traversal is a CUDA kernel); "
-                f"rendering on {device.type}: set renderer.estimator to 'auto' or 'uniform'"
-            )
-        return self.estimator is not None and device.type == "cuda"
+        sampler, fallback = resolve_estimator(self.cfg.estimator, device.type)
+        if fallback and not self._warned_fallback:
+            warnings.warn(fallback, EstimatorFallback, stacklevel=2)
+            self._warned_fallback = True
+        return self.estimator is not None and sampler == "occgrid"
 
     def update_step(self, step: int) -> None:
-        """Refresh the occupancy grid every `occgrid_update_every` steps; a no-op without it (CPU).
+        """Refresh the occupancy grid on the steps `occgrid_update_due` picks; a no-op without it (CPU).
 
-        Call once per training step, before rendering.
+        Call once per training step, before rendering. (nerfacc draws the cells' sample points from
+        torch's global RNG: on CUDA a resumed run is not bit-for-bit the uninterrupted one.)
         """
         if self.estimator is None or not self.training:
             return
-        if not self.uses_occgrid(self.estimator.binaries.device):
+        if not self.uses_occgrid(self.estimator.binaries.device) or not occgrid_update_due(step, self.cfg):
             return
         step_size = self.render_step_size
         self.estimator.update_every_n_steps(
@@ -159,7 +192,9 @@ class VolumeRenderer(nn.Module):
             # nerfacc thresholds an opacity-like quantity: density times the marching step.
             occ_eval_fn=lambda x: self.field(x)[0] * step_size,
             occ_thre=self.cfg.occgrid_threshold,
-            n=self.cfg.occgrid_update_every,
+            ema_decay=self.cfg.occgrid_ema_decay,
+            warmup_steps=self.cfg.occgrid_warmup_steps,
+            n=1,  # the schedule is decided above
         )
 
     # -- rendering -------------------------------------------------------------------------------

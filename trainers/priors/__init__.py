@@ -1,6 +1,7 @@
 """Diffusion priors: one config key (`prior.name`) picks one, `load_prior` loads it.
 
 - "tiny-sd": random weights in the Stable Diffusion layout, built once into the cache directory.
+- "sd21-shaped": random weights in exactly SD 2.1-base's architecture (real sizes, for speed and memory).
 - "reference": the exact prior of the procedural scenes (`trainers.reference.prior`).
 - anything else: a hub id or a local directory in the Stable Diffusion layout.
 
@@ -32,7 +33,7 @@ __all__ = [
     "resolve_device",
 ]
 
-BUILTIN_PRIORS = ("tiny-sd", *REFERENCE_PRIORS)
+BUILTIN_PRIORS = ("tiny-sd", "sd21-shaped", *REFERENCE_PRIORS)
 
 
 def load_prior(cfg: PriorConfig, device: torch.device | str | None = None) -> DiffusionPrior:
@@ -48,6 +49,11 @@ def load_prior(cfg: PriorConfig, device: torch.device | str | None = None) -> Di
 
         directory = build_tiny_sd(default_cache_dir(cfg) / "tiny-sd")
         # From here on tiny-sd is an ordinary local directory: the same loading path as real weights.
+        return StableDiffusionPrior.from_config(cfg.model_copy(update={"name": str(directory)}), device)
+    if cfg.name == "sd21-shaped":
+        from trainers.priors.sd21_shaped import build_sd21_shaped
+
+        directory = build_sd21_shaped(default_cache_dir(cfg) / "sd21-shaped")
         return StableDiffusionPrior.from_config(cfg.model_copy(update={"name": str(directory)}), device)
     return StableDiffusionPrior.from_config(cfg, device)
 

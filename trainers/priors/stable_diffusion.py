@@ -24,7 +24,15 @@ from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
 
 from trainers.config_base import ConfigError
-from trainers.priors.base import DiffusionPrior, PriorConfig, resolve_device
+from trainers.priors.base import (
+    DeviceCapabilities,
+    DiffusionPrior,
+    FastPaths,
+    PriorConfig,
+    out_of_memory_hint,
+    resolve_device,
+    resolve_fast_paths,
+)
 
 REQUIRED_SUBFOLDERS = ("unet", "text_encoder", "tokenizer", "scheduler")
 # Prompts repeat every step (the prompt, its view suffixes and ""), so their embeddings are cached;
@@ -34,6 +42,15 @@ TEXT_CACHE_SIZE = 256
 HUB_PROBE_TIMEOUT_S = 3.0
 # "org/name", the form of every diffusers repository on the hub.
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+# prior.encoder=linear: SD's latent -> RGB approximation (rows: the 4 latent channels, scaled by the VAE's
+# scaling factor; columns: R, G, B in [-1, 1]), the one latent previews use. Its pseudo-inverse maps a
+# render to latents: colour without texture, and no VAE in the step.
+LATENT_TO_RGB = (
+    (0.3512, 0.2297, 0.3227),
+    (0.3250, 0.4974, 0.2350),
+    (-0.2829, 0.1762, 0.2721),
+    (-0.2120, -0.2616, -0.7177),
+)
 
 
 class HubUnreachableError(ConfigError):
@@ -42,9 +59,7 @@ class HubUnreachableError(ConfigError):
 
 def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     """With "auto", fp16 on CUDA (half the memory, tensor cores) and fp32 elsewhere (CPU half is slow)."""
-    if dtype == "fp16" or (dtype == "auto" and device.type == "cuda"):
-        return torch.float16
-    return torch.float32
+    return resolve_fast_paths(PriorConfig(dtype=dtype), DeviceCapabilities.probe(device)).dtype
 
 
 class StableDiffusionPrior(DiffusionPrior):
@@ -62,6 +77,8 @@ class StableDiffusionPrior(DiffusionPrior):
         device: torch.device,
         dtype: torch.dtype,
         source: str = "",
+        encoder: str = "vae",
+        fast_paths: FastPaths | None = None,
     ) -> None:
         self.unet = unet
         self.text_encoder = text_encoder
@@ -77,6 +94,17 @@ class StableDiffusionPrior(DiffusionPrior):
         self.alphas_cumprod = scheduler.alphas_cumprod.to(device=device, dtype=torch.float32)
         self.prediction_type = scheduler.config.get("prediction_type", "epsilon")
         self.vae_scale_factor = 1 if vae is None else vae_scale_factor(vae.config)
+        self.encoder = "vae" if vae is None else encoder  # pixel-space priors have nothing to encode
+        self.fast_paths = fast_paths
+        self._rgb_to_latent = None
+        if self.encoder == "linear":
+            if vae.config.latent_channels != len(LATENT_TO_RGB):
+                raise ConfigError(
+                    f"prior.encoder=linear maps RGB to SD's {len(LATENT_TO_RGB)} latent channels, but this "
+                    f"prior's VAE has {vae.config.latent_channels}: use prior.encoder=vae"
+                )
+            to_rgb = torch.tensor(LATENT_TO_RGB, dtype=torch.float32)
+            self._rgb_to_latent = torch.linalg.pinv(to_rgb).to(device)  # [3, 4]
         self._text_cache: OrderedDict[str, torch.Tensor] = OrderedDict()
 
     # ------------------------------------------------------------------------------------------------
@@ -93,7 +121,10 @@ class StableDiffusionPrior(DiffusionPrior):
             # An explicit cache dir also holds hub downloads; otherwise huggingface_hub's own cache
             # (HF_HOME) is used, so weights downloaded by other tools are found.
             hub_cache_dir=str(Path(cfg.cache_dir).expanduser() / "huggingface") if cfg.cache_dir else None,
-            enable_memory_efficient_attention=cfg.enable_memory_efficient_attention,
+            encoder=cfg.encoder,
+            attention=cfg.attention,
+            channels_last=cfg.channels_last,
+            compile_unet=cfg.compile_unet,
         )
 
     @classmethod
@@ -105,11 +136,22 @@ class StableDiffusionPrior(DiffusionPrior):
         dtype: str = "auto",
         image_size: int | None = None,
         hub_cache_dir: str | None = None,
-        enable_memory_efficient_attention: bool = True,
+        encoder: str = "vae",
+        attention: str = "auto",
+        channels_last: bool | None = None,
+        compile_unet: bool = False,
     ) -> StableDiffusionPrior:
-        """Load a hub id or local directory in the SD layout; configs are checked before any weights load."""
+        """Load a hub id or local directory in the SD layout; configs are checked before any weights load.
+
+        dtype, attention, channels_last and compile_unet are the fast-path keys of `PriorConfig`,
+        resolved against the device by `resolve_fast_paths` (which warns when it falls back).
+        """
         device = resolve_device(device)
-        torch_dtype = resolve_dtype(dtype, device)
+        asked = PriorConfig(
+            dtype=dtype, attention=attention, channels_last=channels_last, compile_unet=compile_unet
+        )
+        fast = resolve_fast_paths(asked, DeviceCapabilities.probe(device))
+        torch_dtype = fast.dtype
         source, load_kwargs, index, has_vae = _resolve_source(str(name_or_path), hub_cache_dir)
 
         def load(component: str, loader: Any) -> Any:
@@ -145,7 +187,11 @@ class StableDiffusionPrior(DiffusionPrior):
         }
         for name, module in modules.items():
             if module is not None:
-                modules[name] = _freeze(module, device, name, enable_memory_efficient_attention)
+                modules[name] = _freeze(module, device, name, fast)
+        if fast.compile_unet:
+            # In place (nn.Module.compile), so the UNet stays the same object: VSD's LoRA adapters and
+            # class-embedding swap still reach it. Compilation happens at the first forward.
+            modules["unet"].compile(dynamic=False)
         return cls(
             tokenizer=tokenizer,
             scheduler=scheduler,
@@ -153,6 +199,8 @@ class StableDiffusionPrior(DiffusionPrior):
             device=device,
             dtype=torch_dtype,
             source=str(name_or_path),
+            encoder=encoder,
+            fast_paths=fast,
             **modules,
         )
 
@@ -185,15 +233,31 @@ class StableDiffusionPrior(DiffusionPrior):
         hidden = self.text_encoder(tokens.input_ids.to(self.device), attention_mask=mask)[0]
         return hidden.to(self.dtype)
 
+    @property
+    def input_size(self) -> int:
+        """prior.encoder=linear takes renders at the latent size; the VAE path at image_size."""
+        if self.encoder == "linear":
+            return self.image_size // self.vae_scale_factor
+        return self.image_size
+
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
         self._check_images(images)
         pixels = images * 2.0 - 1.0
         if self.vae is None:
             return pixels.float()
+        if self._rgb_to_latent is not None:
+            rgb_to_latent = self._rgb_to_latent.to(pixels.device)
+            return torch.einsum("bchw,cl->blhw", pixels.float(), rgb_to_latent)
+        with out_of_memory_hint("the VAE encoder (prior.encoder=vae)"):
+            return self._vae_encode(pixels)
+
+    def _vae_encode(self, pixels: torch.Tensor) -> torch.Tensor:
         # The posterior mean rather than a sample: the SD VAE's posterior std is tiny next to the noise
         # distillation adds at any t >= T_min, so sampling would only add variance to the gradient and
         # consume RNG (which exact resume then has to replay).
-        posterior = self.vae.encode(pixels.to(self.device, self.dtype)).latent_dist
+        posterior = self.vae.encode(
+            pixels.to(self.device, self.dtype, memory_format=self._memory_format())
+        ).latent_dist
         latents = posterior.mean
         shift = self.vae.config.get("shift_factor")
         if shift is not None:
@@ -231,17 +295,22 @@ class StableDiffusionPrior(DiffusionPrior):
             # embedding) on an fp16 UNet: cast to that module's dtype, not the prior's.
             if class_labels.is_floating_point():
                 class_labels = class_labels.to(self._class_embedding_dtype())
-        output = self.unet(
-            x_t.to(self.device, self.dtype),
-            t,
-            encoder_hidden_states=text_embeddings.to(self.device, self.dtype),
-            class_labels=class_labels,
-            return_dict=False,
-        )[0].float()
+        with out_of_memory_hint("the UNet forward"):
+            output = self.unet(
+                x_t.to(self.device, self.dtype, memory_format=self._memory_format()),
+                t,
+                encoder_hidden_states=text_embeddings.to(self.device, self.dtype),
+                class_labels=class_labels,
+                return_dict=False,
+            )[0].float()
         channels = x_t.shape[1]
         if output.shape[1] == 2 * channels:  # a learned-variance UNet: ε first, then the variance
             output = output[:, :channels]
         return self._as_epsilon(output, x_t.to(self.device, torch.float32), t)
+
+    def _memory_format(self) -> torch.memory_format:
+        channels_last = self.fast_paths is not None and self.fast_paths.channels_last
+        return torch.channels_last if channels_last else torch.preserve_format
 
     def _class_embedding_dtype(self) -> torch.dtype:
         embedding = getattr(self.unet, "class_embedding", None)
@@ -261,15 +330,31 @@ class StableDiffusionPrior(DiffusionPrior):
         raise ValueError(f"unsupported scheduler prediction_type {self.prediction_type!r}")
 
     def _check_images(self, images: torch.Tensor) -> None:
-        size = self.image_size
+        size = self.input_size
         if images.ndim != 4 or images.shape[1] != 3 or images.shape[-2:] != (size, size):
+            where = (
+                "the latent size (prior.encoder=linear)" if self.encoder == "linear" else "prior.image_size"
+            )
             raise ValueError(
-                f"encode_images takes renders of shape [B, 3, {size}, {size}] (prior.image_size), "
-                f"got {list(images.shape)}: resize renders to the prior's image size first"
+                f"encode_images takes renders of shape [B, 3, {size}, {size}] ({where}), "
+                f"got {list(images.shape)}: resize renders to the prior's input size first"
             )
 
     def describe(self) -> dict[str, object]:
-        return {"source": self.source, "prediction_type": self.prediction_type, **super().describe()}
+        fast = {}
+        if self.fast_paths is not None:
+            fast = {
+                "attention": self.fast_paths.attention,
+                "channels_last": self.fast_paths.channels_last,
+                "compile_unet": self.fast_paths.compile_unet,
+            }
+        return {
+            "source": self.source,
+            "prediction_type": self.prediction_type,
+            "encoder": self.encoder,
+            **fast,
+            **super().describe(),
+        }
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -451,16 +536,16 @@ def _component_class(index: dict[str, Any], component: str, default: str) -> Any
     return getattr(transformers, name)
 
 
-def _freeze(
-    module: torch.nn.Module, device: torch.device, name: str, fast_attention: bool
-) -> torch.nn.Module:
+def _freeze(module: torch.nn.Module, device: torch.device, name: str, fast: FastPaths) -> torch.nn.Module:
     module.requires_grad_(False)
     module.eval()
     module.to(device=device)
-    if device.type == "cuda" and fast_attention and name in ("unet", "vae"):
-        # Convolutions in NHWC use tensor cores without layout transposes.
-        module.to(memory_format=torch.channels_last)
-        _use_sdpa(module)
+    if name in ("unet", "vae"):
+        if fast.channels_last:
+            # Convolutions in NHWC use tensor cores without layout transposes.
+            module.to(memory_format=torch.channels_last)
+        if fast.attention == "sdpa":
+            _use_sdpa(module)
     return module
 
 
