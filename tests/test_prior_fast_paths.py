@@ -111,6 +111,12 @@ def test_invalid_fast_path_values_are_refused_naming_the_field(overrides, field)
         build_config(PriorConfig, overrides)
 
 
+def test_configs_saved_with_the_old_attention_switch_still_load():
+    assert PriorConfig(enable_memory_efficient_attention=True) == PriorConfig()
+    old_off = PriorConfig(enable_memory_efficient_attention=False)
+    assert old_off.attention == "default" and old_off.channels_last is False
+
+
 # ----------------------------------------------------------------------------------------------------
 # What loading does with the decision
 

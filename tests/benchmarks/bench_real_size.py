@@ -204,18 +204,19 @@ def main() -> None:
     print(header)
     print(f"prior loaded in {load_s:.1f} s; memory after loading: {baseline / 2**30:.2f} GiB")
     print(
-        f"{'method':<7}{'step [s]':>10}{'it/s':>8}{'x SDS':>7}{'render':>9}{'VAE':>9}{'UNet':>9}"
+        f"{'method':<7}{'step [ms]':>11}{'it/s':>8}{'x SDS':>7}{'render':>9}{'VAE':>9}{'UNet':>9}"
         f"{'backward':>10}{'other':>8}{memory_label:>16}"
     )
     sds = results.get("sds", {}).get("step_s")
     for method, result in results.items():
-        split = result["split_s"]
+        ms = {part: 1e3 * seconds for part, seconds in result["split_s"].items()}
         ratio = f"{result['step_s'] / sds:.2f}" if sds else "-"
         print(
-            f"{method:<7}{result['step_s']:>10.3f}{1 / result['step_s']:>8.2f}{ratio:>7}"
-            f"{split['render']:>9.3f}{split['vae']:>9.3f}{split['unet']:>9.3f}{split['backward']:>10.3f}"
-            f"{split['other']:>8.3f}{result['peak_memory_bytes'] / 2**30:>13.2f} GiB"
+            f"{method:<7}{1e3 * result['step_s']:>11.0f}{1 / result['step_s']:>8.2f}{ratio:>7}"
+            f"{ms['render']:>9.0f}{ms['vae']:>9.0f}{ms['unet']:>9.0f}{ms['backward']:>10.0f}"
+            f"{ms['other']:>8.0f}{result['peak_memory_bytes'] / 2**30:>12.2f} GiB"
         )
+    print("(render / VAE / UNet / backward / other: ms per step, medians)")
     if {"sds", "asd", "vsd"} <= results.keys():
         asd, vsd = results["asd"]["step_s"], results["vsd"]["step_s"]
         unet_ratio = results["asd"]["split_s"]["unet"] / max(results["sds"]["split_s"]["unet"], 1e-9)

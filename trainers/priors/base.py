@@ -16,10 +16,10 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import torch
-from pydantic import field_validator
+from pydantic import field_validator, model_validator
 
 from trainers.config_base import ConfigBase
 from trainers.reference.config import REFERENCE_PRIORS, ReferencePriorConfig
@@ -59,6 +59,18 @@ class PriorConfig(ConfigBase):
     cache_dir: str | None = None
     # Settings of `name: reference` (views cached per prompt, the unconditional set, ...); unused otherwise.
     reference: ReferencePriorConfig = ReferencePriorConfig()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _legacy_attention_key(cls, data: Any) -> Any:
+        # Configs saved before the fast-path keys existed (checkpoints, `dreamsweep best` output) carry
+        # `enable_memory_efficient_attention`; false meant neither SDPA nor channels-last.
+        if isinstance(data, dict) and "enable_memory_efficient_attention" in data:
+            data = dict(data)
+            if not data.pop("enable_memory_efficient_attention"):
+                data.setdefault("attention", "default")
+                data.setdefault("channels_last", False)
+        return data
 
     @field_validator("name")
     @classmethod
