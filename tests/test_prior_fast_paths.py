@@ -92,6 +92,15 @@ def test_torch_compile_is_blocked_on_the_cpu_without_a_compiler_and_on_cuda_with
     assert "Triton" in base._compile_blocker(torch.device("cuda"))
 
 
+@pytest.mark.parametrize("has_bf16", [True, False])
+def test_probing_a_cuda_device_asks_torch_whether_it_has_bf16(monkeypatch, has_bf16):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: has_bf16)
+    monkeypatch.setattr(base, "_compile_blocker", lambda device: None)
+    caps = DeviceCapabilities.probe(torch.device("cuda"))
+    assert caps.device_type == "cuda" and caps.bf16 is has_bf16
+
+
 def test_probing_the_cpu_finds_sdpa_and_bf16():
     caps = DeviceCapabilities.probe(torch.device("cpu"))
     assert caps.device_type == "cpu" and caps.sdpa and caps.bf16
