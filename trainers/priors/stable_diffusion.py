@@ -57,11 +57,6 @@ class HubUnreachableError(ConfigError):
     """`prior.name` is a hub id, the hub cannot be reached and no cached copy exists."""
 
 
-def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
-    """With "auto", fp16 on CUDA (half the memory, tensor cores) and fp32 elsewhere (CPU half is slow)."""
-    return resolve_fast_paths(PriorConfig(dtype=dtype), DeviceCapabilities.probe(device)).dtype
-
-
 class StableDiffusionPrior(DiffusionPrior):
     """ε-prediction from a Stable-Diffusion-layout pipeline, all weights frozen."""
 
