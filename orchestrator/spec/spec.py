@@ -20,6 +20,8 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import Field, field_validator, model_validator
 
+from trainers.amortized.prompt_library import PromptSelection as PromptSelection  # re-exported
+from trainers.amortized.prompt_library import PromptSource
 from trainers.config_base import ConfigBase, ConfigError, build_config, load_yaml
 
 # Keys the timestep pair owns: searched independently they could violate T_min < T_max.
@@ -31,43 +33,8 @@ class SpecError(ConfigError):
 
 
 # ---------------------------------------------------------------------------------------------------
-# Prompts
-
-
-class PromptSelection(ConfigBase):
-    """At most one of: the first N, a seeded sample of N, explicit indices (into the source's order)."""
-
-    first: int | None = Field(None, ge=1)
-    sample: int | None = Field(None, ge=1)
-    seed: int = 0
-    indices: list[int] | None = None
-
-    @model_validator(mode="after")
-    def _one_rule(self) -> PromptSelection:
-        given = [name for name in ("first", "sample", "indices") if getattr(self, name) is not None]
-        if len(given) > 1:
-            raise ValueError(f"prompts.select: give one of first, sample, indices (got {', '.join(given)})")
-        return self
-
-
-class PromptSource(ConfigBase):
-    """Inline `items`, or a `path` to a library JSON ({"train","val","test"}), a .txt, .csv, .parquet or .arrow."""
-
-    items: list[str] | None = None
-    path: str | None = None
-    split: str = "train"  # library JSON only
-    column: str = "prompt"  # table files only
-    select: PromptSelection = PromptSelection()
-
-    @model_validator(mode="after")
-    def _one_source(self) -> PromptSource:
-        if (self.items is None) == (self.path is None):
-            raise ValueError(
-                "prompts: give either items (an inline list) or path (a library JSON, .txt, .csv, .parquet)"
-            )
-        if self.items is not None and not self.items:
-            raise ValueError("items is empty: list at least one prompt")
-        return self
+# Prompts: the models live beside the reader, in trainers.amortized.prompt_library (the amortized
+# trainer reads the same `prompts:` section), and are re-exported here.
 
 
 # ---------------------------------------------------------------------------------------------------
