@@ -14,17 +14,22 @@ from trainers.config_base import ConfigBase
 from trainers.geometry.hash_grid import HashGridConfig, make_hash_grid
 
 
-class ImplicitVolumeConfig(ConfigBase):
+class DensityConfig(ConfigBase):
+    """How a field's raw output becomes density (shared by every field that the renderer draws)."""
+
     radius: float = Field(1.0, gt=0.0)  # the scene box is [-radius, radius]^3
-    encoding: HashGridConfig = HashGridConfig()
-    hidden_dim: int = Field(64, ge=1)
-    n_hidden_layers: int = Field(1, ge=0)
     density_activation: Literal["softplus", "exp"] = "softplus"
     # Magic3D's initial blob: raw density + scale * (1 - |x| / std), so training starts from a
     # solid ball at the centre instead of empty space (which gives the guidance nothing to push on).
     density_bias: Literal["blob_magic3d", "none"] = "blob_magic3d"
     density_blob_scale: float = Field(10.0, ge=0.0)
     density_blob_std: float = Field(0.5, gt=0.0)
+
+
+class ImplicitVolumeConfig(DensityConfig):
+    encoding: HashGridConfig = HashGridConfig()
+    hidden_dim: int = Field(64, ge=1)
+    n_hidden_layers: int = Field(1, ge=0)
 
 
 class _TruncExp(torch.autograd.Function):
@@ -80,9 +85,17 @@ class ImplicitVolume(nn.Module):
         return (points + self.radius) / (2.0 * self.radius)
 
     def _activate_density(self, raw: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
-        if self.cfg.density_bias == "blob_magic3d":
-            distance = points.norm(dim=-1)
-            raw = raw + self.cfg.density_blob_scale * (1.0 - distance / self.cfg.density_blob_std)
-        density = F.softplus(raw) if self.cfg.density_activation == "softplus" else _TruncExp.apply(raw)
-        inside = (points.abs() <= self.radius).all(dim=-1)
-        return torch.where(inside, density, torch.zeros_like(density))
+        return activate_density(raw, points, self.cfg)
+
+
+def activate_density(raw: torch.Tensor, points: torch.Tensor, cfg: DensityConfig) -> torch.Tensor:
+    """Raw network output -> density >= 0: the initial blob, the activation, zero outside the box.
+
+    Shared by the per-prompt volume and the amortized generators (whose configs carry the same keys).
+    """
+    if cfg.density_bias == "blob_magic3d":
+        distance = points.norm(dim=-1)
+        raw = raw + cfg.density_blob_scale * (1.0 - distance / cfg.density_blob_std)
+    density = F.softplus(raw) if cfg.density_activation == "softplus" else _TruncExp.apply(raw)
+    inside = (points.abs() <= cfg.radius).all(dim=-1)
+    return torch.where(inside, density, torch.zeros_like(density))
