@@ -1,0 +1,644 @@
+"""The amortized training loop: one text-conditioned generator for a whole prompt library.
+
+    result = train(load_amortized_config("sweeps/configs/amortized_reference_cpu.yaml"))
+
+Each step a rank takes `batch_size` prompts of its shard, renders one random view of each prompt's
+field (one generator forward for the batch), and applies the same guidance as the per-prompt trainer
+(SDS / CSD / ASD / VSD, unchanged) to every render with that prompt's text.
+
+Runs in one process without Ray. When `torch.distributed` is initialised (Ray Train does it, see
+`data_parallel.py`), the model is wrapped in DistributedDataParallel and the prompts are sharded by
+global rank: every prompt is trained exactly once per epoch across all ranks, on any number of nodes
+(`epoch_batches`, a pure function). Every random draw of a rank comes from its own seeded generator,
+whose state is checkpointed with the others', so a resumed run ends where an uninterrupted one does.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import torch
+import torch.distributed as dist
+import yaml
+from torch import nn
+from tqdm.auto import tqdm
+
+from trainers import evaluation
+from trainers.amortized.config import AmortizedConfig
+from trainers.amortized.generators import ConditionedField, Generator, make_generator
+from trainers.amortized.prompt_library import (
+    GeneratorTextEncoder,
+    TextEmbeddingCache,
+    drop_duplicates,
+    load_prompt_table,
+)
+from trainers.cameras import (
+    CameraBatch,
+    CameraSampler,
+    orbit_cameras,
+    turntable_cameras,
+    view_dependent_prompt,
+    view_direction_labels,
+)
+from trainers.checkpoint import (
+    latest_checkpoint,
+    load_checkpoint,
+    restore_rng_state,
+    rng_state,
+    save_checkpoint,
+)
+from trainers.config import config_to_dict
+from trainers.guidance import make_guidance
+from trainers.per_prompt import NonFiniteLossError, TrainResult, seed_everything
+from trainers.priors import load_prior, resolve_device
+from trainers.priors.base import DiffusionPrior, default_cache_dir
+from trainers.reference.scenes import is_scene_prompt, prompt_split, scene_cache_dir
+from trainers.rendering import Background, VolumeRenderer
+from trainers.visualize import image_grid, save_turntable
+
+log = logging.getLogger(__name__)
+
+MetricsCallback = Callable[[int, dict[str, float]], None]
+CheckpointCallback = Callable[[int, "Path | None"], None]
+PathCallback = Callable[[int, Path], None]
+
+
+class PromptLibraryError(ValueError):
+    """A prompt library the amortized trainer cannot train on; the message names the field."""
+
+
+# ---------------------------------------------------------------------------------------------------
+# Sharding: pure functions of (prompt count, rank, world size, batch size, epoch, seed)
+
+
+def shard(n_prompts: int, rank: int, world_size: int, order: list[int] | None = None) -> list[int]:
+    """Rank `rank`'s prompts: every world_size-th of `order` (default 0..n-1) starting at `rank`.
+
+    `rank` and `world_size` are the *global* ones. (ScaleDreamer shards by the node-local GPU count,
+    so on a second node ranks take subsets of node 0's shards and some prompts are never trained.)
+    """
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} is outside the world of {world_size} ranks")
+    order = list(range(n_prompts)) if order is None else order
+    return order[rank::world_size]
+
+
+def steps_per_epoch(n_prompts: int, world_size: int, batch_size: int) -> int:
+    """Steps in which every rank gets through its shard (the same count on all ranks, as DDP needs)."""
+    return math.ceil(math.ceil(n_prompts / world_size) / batch_size)
+
+
+def epoch_batches(
+    n_prompts: int, rank: int, world_size: int, batch_size: int, epoch: int, seed: int
+) -> list[tuple[list[int], list[float]]]:
+    """This rank's batches for one epoch: (prompt indices, loss weights) per step.
+
+    The prompts are shuffled with a generator seeded by (seed, epoch), the same on every rank, then
+    sharded by global rank. A rank whose shard is shorter than the longest fills its last batch with
+    weight-0 repeats: they are rendered (so that every rank runs the same number of DDP steps) but
+    contribute no gradient, so every prompt is trained exactly once per epoch.
+    """
+    order = torch.randperm(n_prompts, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+    mine = shard(n_prompts, rank, world_size, order.tolist())
+    steps = steps_per_epoch(n_prompts, world_size, batch_size)
+    filler = mine[0] if mine else int(order[0])
+    indices = mine + [filler] * (steps * batch_size - len(mine))
+    weights = [1.0] * len(mine) + [0.0] * (steps * batch_size - len(mine))
+    return [
+        (indices[s * batch_size : (s + 1) * batch_size], weights[s * batch_size : (s + 1) * batch_size])
+        for s in range(steps)
+    ]
+
+
+# ---------------------------------------------------------------------------------------------------
+# The prompt library of a run
+
+
+@dataclass
+class PromptLibrary:
+    prompts: list[str]
+    features: np.ndarray  # [N, dim] float32: the generator's text conditioning, row i for prompts[i]
+    dropped_duplicates: int = 0
+    messages: list[str] = field(default_factory=list)
+
+
+def text_cache_path(config: AmortizedConfig) -> Path:
+    if config.text_cache.path:
+        return Path(config.text_cache.path).expanduser()
+    slug = "".join(c if c.isalnum() or c in "-_." else "_" for c in config.prior.name)
+    return default_cache_dir(config.prior) / "text_embeddings" / f"{slug}.arrow"
+
+
+def load_library(
+    config: AmortizedConfig, encoder: GeneratorTextEncoder, world_size: int = 1, progress: bool = True
+) -> PromptLibrary:
+    """The deduplicated training prompts and their cached embeddings; refuses an unusable library."""
+    try:
+        table = load_prompt_table(config.prompts)
+    except (OSError, ValueError, pa.ArrowInvalid) as exc:
+        raise PromptLibraryError(str(exc)) from None
+    table, dropped = drop_duplicates(table)
+    messages = []
+    if dropped:
+        messages.append(f"prompts: dropped {dropped} duplicate prompt(s), {table.num_rows} remain")
+    if table.num_rows < world_size:
+        what = f"only {table.num_rows} distinct prompt(s)" + (
+            f" ({dropped} duplicate(s) dropped)" if dropped else ""
+        )
+        raise PromptLibraryError(
+            f"prompts: {what}, fewer than data_parallel.num_workers={world_size}: every worker needs a "
+            "prompt of its own; add prompts or lower data_parallel.num_workers"
+        )
+    prompts = table.column("prompt").to_pylist()
+    cache = TextEmbeddingCache(text_cache_path(config), encoder, config.text_cache.batch_size)
+    features = cache.get(prompts, progress=progress)
+    return PromptLibrary(prompts, features, dropped, messages + cache.messages)
+
+
+def evaluation_prompts(config: AmortizedConfig, prompts: list[str]) -> dict[str, list[str]]:
+    """{"train": first N training prompts, "held_out": prompts never trained on}."""
+    held_out = list(config.eval_prompts.held_out)
+    if config.eval_prompts.n_reference_held_out:
+        held_out += prompt_split().test[: config.eval_prompts.n_reference_held_out]
+    trained = set(prompts)
+    held_out = [p for p in dict.fromkeys(held_out) if p not in trained]
+    return {"train": prompts[: config.eval_prompts.n_train], "held_out": held_out}
+
+
+# ---------------------------------------------------------------------------------------------------
+# The model
+
+
+def camera_slice(cameras: CameraBatch, start: int, stop: int) -> CameraBatch:
+    return CameraBatch(**{f.name: getattr(cameras, f.name)[start:stop] for f in fields(cameras)})
+
+
+class AmortizedModel(nn.Module):
+    """generator + background + renderer: (text, noise, cameras) -> one render per prompt.
+
+    One module, so that DistributedDataParallel wraps everything whose gradients ranks must average.
+    """
+
+    def __init__(self, config: AmortizedConfig, text_dim: int):
+        super().__init__()
+        self.generator: Generator = make_generator(config.generator, text_dim)
+        self.field = ConditionedField(self.generator)
+        self.background = Background(config.background)
+        self.renderer = VolumeRenderer(config.renderer, self.field, self.background, config.generator.radius)
+
+    def forward(
+        self,
+        text: torch.Tensor,
+        noise: torch.Tensor | None,
+        cameras: CameraBatch,
+        resolution: int,
+        train: bool = True,
+        generator: torch.Generator | None = None,
+    ) -> dict[str, torch.Tensor]:
+        codes = self.generator.codes(text, noise)  # one forward for the whole batch
+        per_prompt = len(cameras) // len(text)
+        outs = []
+        for i in range(len(text)):
+            self.field.select(codes, i)
+            views = camera_slice(cameras, i * per_prompt, (i + 1) * per_prompt)
+            outs.append(self.renderer.render(views, resolution, resolution, train=train, generator=generator))
+        self.field.select(None, 0)
+        keys = ("rgb", "rgb_fg", "opacity", "depth")
+        return {key: torch.cat([out[key] for out in outs]) for key in keys}
+
+
+# ---------------------------------------------------------------------------------------------------
+# The trainer
+
+
+def _is_distributed(world_size: int) -> bool:
+    return world_size > 1 and dist.is_available() and dist.is_initialized()
+
+
+class AmortizedTrainer:
+    def __init__(
+        self,
+        config: AmortizedConfig,
+        prior: DiffusionPrior | None = None,
+        *,
+        rank: int = 0,
+        world_size: int = 1,
+        device: torch.device | str | None = None,
+        progress: bool = True,
+    ):
+        self.config = config
+        self.rank, self.world_size = rank, world_size
+        self.device = resolve_device(device or config.device)
+        seed_everything(config.seed)  # the same initial weights on every rank
+        self.rng = torch.Generator(device="cpu").manual_seed(config.seed * 1_000_003 + rank)
+        self.prior = prior if prior is not None else load_prior(config.prior, self.device)
+        self.encoder = GeneratorTextEncoder(self.prior)
+        self.library = load_library(config, self.encoder, world_size, progress=progress and rank == 0)
+        for message in self.library.messages:
+            if rank == 0:
+                log.warning(message)
+        self.model = AmortizedModel(config, self.encoder.dim).to(self.device)
+        self.ddp: nn.Module = self.model
+        if _is_distributed(world_size):
+            self.ddp = nn.parallel.DistributedDataParallel(self.model)
+        self.guidance = make_guidance(config.guidance, self.prior)
+        self.cameras = CameraSampler(config.camera)
+        with torch.no_grad():
+            self.uncond = self.prior.encode_text([config.negative_prompt])
+        opt = config.optimizer
+        groups = [
+            {"params": list(self.model.generator.parameters()), "lr": opt.lr_generator, "name": "generator"},
+            {
+                "params": list(self.model.background.parameters()),
+                "lr": opt.lr_background,
+                "name": "background",
+            },
+            {"params": self.guidance.trainable_parameters(), "lr": config.guidance.lora_lr, "name": "lora"},
+        ]
+        self.optimizer = torch.optim.Adam([g for g in groups if g["params"]], betas=opt.betas, eps=opt.eps)
+        self.step = 0
+        self._epoch_cache: tuple[int, list] | None = None
+
+    @property
+    def prompts(self) -> list[str]:
+        return self.library.prompts
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return steps_per_epoch(len(self.prompts), self.world_size, self.config.batch_size)
+
+    def batch_at(self, step: int) -> tuple[list[int], list[float]]:
+        epoch, position = divmod(step, self.steps_per_epoch)
+        if self._epoch_cache is None or self._epoch_cache[0] != epoch:
+            batches = epoch_batches(
+                len(self.prompts), self.rank, self.world_size, self.config.batch_size, epoch, self.config.seed
+            )
+            self._epoch_cache = (epoch, batches)
+        return self._epoch_cache[1][position]
+
+    def text_features(self, indices: list[int]) -> torch.Tensor:
+        return torch.from_numpy(np.ascontiguousarray(self.library.features[indices])).to(self.device)
+
+    # -- state -------------------------------------------------------------------------------------
+
+    def state_dict(self, rng_by_rank: list | None = None) -> dict:
+        return {
+            "step": self.step,
+            "model": self.model.state_dict(),
+            "guidance": self.guidance.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "rng_by_rank": rng_by_rank if rng_by_rank is not None else [rng_state(self.rng)],
+            "world_size": self.world_size,
+            "prompts": len(self.prompts),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.model.load_state_dict(state["model"])
+        self.guidance.load_state_dict(state["guidance"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.step = int(state["step"])
+        rngs = state["rng_by_rank"]
+        if len(rngs) == self.world_size:
+            restore_rng_state(self.rng, rngs[self.rank])
+        else:
+            # The weights and the step carry over; the random draws from here on differ from a run that
+            # kept its world size (as with any change of data-parallel layout).
+            log.warning(
+                "resuming a checkpoint of %d worker(s) with %d: training continues, not bit-for-bit",
+                len(rngs),
+                self.world_size,
+            )
+            self.rng.manual_seed(self.config.seed * 1_000_003 + self.rank + 7919 * self.step)
+
+    def gathered_rng(self) -> list:
+        mine = rng_state(self.rng)
+        if not _is_distributed(self.world_size):
+            return [mine]
+        out: list = [None] * self.world_size
+        dist.all_gather_object(out, mine)
+        return out
+
+    # -- one step ----------------------------------------------------------------------------------
+
+    def training_step(self) -> dict[str, float]:
+        cfg = self.config
+        self.model.train()
+        indices, weights = self.batch_at(self.step)
+        batch = len(indices)
+        text = self.text_features(indices)
+        noise = None
+        if self.model.generator.noise_dim:
+            noise = torch.randn(batch, self.model.generator.noise_dim, generator=self.rng).to(self.device)
+        cameras = self.cameras.sample(batch, self.rng).to(self.device)
+        out = self.ddp(text, noise, cameras, cfg.resolution, True, self.rng)
+        images = out["rgb"].permute(0, 3, 1, 2)
+        # Weight-0 rows (filler, see epoch_batches) keep their value but pass no gradient.
+        weight = torch.tensor(weights, device=images.device).view(-1, 1, 1, 1)
+        images = weight * images + (1 - weight) * images.detach()
+        prompts = [self.prompts[i] for i in indices]
+        if cfg.camera.view_dependent_prompting:
+            labels = view_direction_labels(cameras.elevation, cameras.azimuth, cfg.camera)
+            prompts = [view_dependent_prompt(p, label) for p, label in zip(prompts, labels, strict=True)]
+        with torch.no_grad():
+            cond = self.prior.encode_text(prompts)
+        guided = self.guidance(
+            images,
+            cond,
+            self.uncond,
+            step=self.step,
+            generator=self.rng,
+            camera_vectors=cameras.camera_vector(),
+        )
+        opacity = out["opacity"].clamp(1e-5, 1 - 1e-5)
+        terms = {"guidance": guided.loss, **guided.extra_losses}
+        if cfg.loss.lambda_sparsity > 0:
+            terms["sparsity"] = cfg.loss.lambda_sparsity * opacity.mean()
+        if cfg.loss.lambda_opacity > 0:
+            entropy = -(opacity * opacity.log() + (1 - opacity) * (1 - opacity).log()).mean()
+            terms["opacity"] = cfg.loss.lambda_opacity * entropy
+        for name, value in terms.items():
+            if not torch.isfinite(value).all():
+                raise NonFiniteLossError(self.step, name, float(value.detach()))
+        total = sum(terms.values())
+        self.optimizer.zero_grad(set_to_none=True)
+        total.backward()  # DDP averages the model's gradients over ranks here
+        self._average_guidance_grads()
+        self.optimizer.step()
+        self.step += 1
+
+        t_min, t_max = self.guidance.timestep_range(self.step - 1)
+        metrics = {
+            "train/loss": float(total.detach()),
+            "train/opacity": float(out["opacity"].detach().mean()),
+        }
+        metrics |= {
+            f"train/loss_{name}": float(value.detach())
+            for name, value in terms.items()
+            if name != "loss_lora"
+        }
+        metrics |= guided.metrics()
+        metrics |= {"train/t_min": float(t_min), "train/t_max": float(t_max)}
+        metrics["train/epoch"] = self.step / self.steps_per_epoch
+        return metrics
+
+    def _average_guidance_grads(self) -> None:
+        """VSD's learned score is not inside the DDP module: average its gradients by hand."""
+        if not _is_distributed(self.world_size):
+            return
+        for param in self.guidance.trainable_parameters():
+            if param.grad is not None:
+                dist.all_reduce(param.grad)
+                param.grad /= self.world_size
+
+    def average_metrics(self, metrics: dict[str, float]) -> dict[str, float]:
+        """The mean over ranks of each metric (all ranks log the same keys at the same steps)."""
+        if not _is_distributed(self.world_size):
+            return metrics
+        keys = sorted(metrics)
+        values = torch.tensor([metrics[k] for k in keys], dtype=torch.float64)
+        dist.all_reduce(values)
+        return dict(zip(keys, (values / self.world_size).tolist(), strict=True))
+
+    # -- looking at the result ---------------------------------------------------------------------
+
+    def features_for(self, prompts: list[str]) -> torch.Tensor:
+        """Conditioning for any prompts, trained or not (unseen ones are encoded now, not cached)."""
+        known = {p: i for i, p in enumerate(self.prompts)}
+        if all(p in known for p in prompts):
+            return self.text_features([known[p] for p in prompts])
+        return self.encoder.encode(prompts).to(self.device)
+
+    @torch.no_grad()
+    def render_prompts(self, prompts: list[str], cameras: CameraBatch) -> dict[str, torch.Tensor]:
+        """Every prompt from every camera: [len(prompts) * len(cameras), H, W, C], prompt-major."""
+        self.model.eval()
+        text = self.features_for(prompts)
+        tiled = CameraBatch(
+            **{
+                f.name: value.repeat(len(prompts), *([1] * (value.ndim - 1)))
+                for f in fields(cameras)
+                for value in [getattr(cameras, f.name)]
+            }
+        )
+        return self.model(text, None, tiled.to(self.device), self.config.resolution, train=False)
+
+    def validation_cameras(self) -> CameraBatch:
+        cam = self.config.camera
+        views = self.config.logging.val_views
+        azimuth = torch.linspace(-180.0, 180.0, views + 1)[:-1]
+        return orbit_cameras(cam.eval_elevation, azimuth, cam.eval_distance, cam.eval_fovy)
+
+    def save_validation(self, path: Path) -> Path:
+        """One row per evaluation prompt (training prompts, then held-out ones), views across."""
+        import imageio.v3 as iio
+
+        groups = evaluation_prompts(self.config, self.prompts)
+        prompts = (groups["train"] or self.prompts[:1]) + groups["held_out"]
+        cameras = self.validation_cameras()
+        rgb = self.render_prompts(prompts, cameras)["rgb"]
+        rows = list(rgb.reshape(len(prompts), len(cameras), *rgb.shape[1:]))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        iio.imwrite(path, image_grid(rows))
+        (path.with_suffix(".txt")).write_text("\n".join(prompts) + "\n")  # which row is which prompt
+        return path
+
+    def save_turntable(self, path: Path, prompt: str) -> Path:
+        cam = self.config.camera
+        cameras = turntable_cameras(
+            self.config.logging.turntable_frames, cam.eval_elevation, cam.eval_distance, cam.eval_fovy
+        )
+        return save_turntable(path, self.render_prompts([prompt], cameras)["rgb"])
+
+    def evaluate(self) -> dict[str, float]:
+        """Ground-truth metrics averaged over the training and the held-out evaluation prompts (scene
+        prompts only): eval/psnr, ... on training prompts, eval/held_out/psnr, ... on unseen ones."""
+        groups = evaluation_prompts(self.config, self.prompts)
+        out: dict[str, float] = {}
+        for group, prompts in groups.items():
+            scored = [p for p in prompts if is_scene_prompt(p)]
+            per_prompt = [self._evaluate_prompt(p) for p in scored]
+            prefix = "eval/" if group == "train" else "eval/held_out/"
+            for name in evaluation.METRIC_NAMES:
+                values = [m[name] for m in per_prompt if math.isfinite(m[name])]
+                if values:
+                    out[prefix + name.removeprefix("eval/")] = float(np.mean(values))
+        return out
+
+    def _evaluate_prompt(self, prompt: str) -> dict[str, float]:
+        def render(cameras, width, height):
+            return self.render_prompts([prompt], cameras)
+
+        return evaluation.evaluate_against_scene(
+            render,
+            prompt,
+            resolution=self.config.resolution,
+            n_views=self.config.logging.eval_views,
+            camera_cfg=self.config.camera,
+            cache_dir=scene_cache_dir(default_cache_dir(self.config.prior)),
+        )
+
+    def close(self) -> None:
+        self.guidance.close()
+
+
+def reported_metrics(config: AmortizedConfig) -> set[str]:
+    """Every metric name `train` reports for this config (orchestrators validate objectives against it)."""
+    names = {"train/loss", "train/loss_guidance", "train/grad_norm", "train/t", "train/t_min", "train/t_max"}
+    names |= {"train/opacity", "train/it_per_s", "train/samples_per_s", "train/epoch"}
+    if config.guidance.method == "asd":
+        names.add("train/t_plus")
+    if config.guidance.method == "vsd":
+        names.add("train/loss_lora")
+    if config.loss.lambda_sparsity > 0:
+        names.add("train/loss_sparsity")
+    if config.loss.lambda_opacity > 0:
+        names.add("train/loss_opacity")
+    if config.prior.name == "reference":
+        short = [name.removeprefix("eval/") for name in evaluation.METRIC_NAMES]
+        names |= {f"eval/{n}" for n in short}
+        if config.eval_prompts.held_out or config.eval_prompts.n_reference_held_out:
+            names |= {f"eval/held_out/{n}" for n in short}
+    return names
+
+
+# ---------------------------------------------------------------------------------------------------
+# The loop
+
+
+def train(
+    config: AmortizedConfig,
+    prior: DiffusionPrior | None = None,
+    *,
+    on_metrics: MetricsCallback | None = None,
+    on_checkpoint: CheckpointCallback | None = None,
+    on_artifact: PathCallback | None = None,
+    resume_from: str | Path | None = None,
+    progress: bool = True,
+    rank: int = 0,
+    world_size: int = 1,
+    device: torch.device | str | None = None,
+) -> TrainResult:
+    """Train the generator. Every rank calls this; rank 0 writes the files.
+
+    `on_metrics` and `on_checkpoint` are called on every rank at the same steps (metrics averaged over
+    ranks; the checkpoint path on rank 0, None elsewhere), so a data-parallel wrapper can report from
+    all of them; `on_artifact` on rank 0 only. `resume_from`: a checkpoint dir, or "latest".
+    """
+    output_dir = Path(config.output_dir)
+    checkpoint_dir = output_dir / "checkpoints"
+    main = rank == 0
+    config_yaml = yaml.safe_dump(config_to_dict(config), sort_keys=False)
+    if main:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        (output_dir / "config.yaml").write_text(config_yaml)
+
+    trainer = AmortizedTrainer(
+        config, prior, rank=rank, world_size=world_size, device=device, progress=progress
+    )
+    if resume_from == "latest":
+        resume_from = latest_checkpoint(checkpoint_dir)
+    if resume_from is not None:
+        trainer.load_state_dict(load_checkpoint(resume_from))
+        if main:
+            log.warning("resumed from %s at step %d", resume_from, trainer.step)
+    resumed_at = trainer.step
+
+    log_cfg = config.logging
+    artifacts: list[Path] = []
+    last_checkpoint: Path | None = Path(resume_from) if resume_from else None
+    last_metrics: dict[str, float] = {}
+
+    def emit_artifact(path: Path) -> None:
+        artifacts.append(path)
+        if on_artifact:
+            on_artifact(trainer.step, path)
+
+    def checkpoint() -> None:
+        nonlocal last_checkpoint
+        rngs = trainer.gathered_rng()  # a collective: every rank takes part
+        path = None
+        if main:
+            path = save_checkpoint(
+                checkpoint_dir,
+                trainer.step,
+                trainer.state_dict(rngs),
+                config_yaml,
+                keep=log_cfg.keep_checkpoints,
+            )
+            last_checkpoint = path
+        if on_checkpoint:
+            on_checkpoint(trainer.step, path)
+
+    bar = tqdm(
+        total=config.max_steps,
+        initial=trainer.step,
+        disable=not (progress and main),
+        desc=f"amortized {config.guidance.method.upper()} x{world_size}",
+        dynamic_ncols=True,
+    )
+    window_start, window_steps = time.perf_counter(), 0
+    try:
+        while trainer.step < config.max_steps:
+            metrics = trainer.training_step()
+            window_steps += 1
+            step = trainer.step
+            bar.update(1)
+            if step % log_cfg.log_every == 0 or step == config.max_steps:
+                elapsed = max(time.perf_counter() - window_start, 1e-9)
+                metrics["train/it_per_s"] = window_steps / elapsed
+                # All ranks' renders of the window: the throughput of the whole data-parallel group.
+                metrics["train/samples_per_s"] = window_steps * config.batch_size * world_size / elapsed
+                window_start, window_steps = time.perf_counter(), 0
+                metrics = trainer.average_metrics(metrics)
+                bar.set_postfix(loss=f"{metrics['train/loss']:.4g}", refresh=False)
+                last_metrics = metrics
+                if on_metrics:
+                    on_metrics(step, metrics)
+            if main and log_cfg.val_every and step % log_cfg.val_every == 0 and step < config.max_steps:
+                emit_artifact(trainer.save_validation(output_dir / "validation" / f"step_{step:07d}.png"))
+            if log_cfg.eval_every and step % log_cfg.eval_every == 0 and step < config.max_steps:
+                ground_truth = _broadcast(trainer.evaluate() if main else None, world_size)
+                if ground_truth and on_metrics:
+                    on_metrics(step, ground_truth)
+            if log_cfg.checkpoint_every and step % log_cfg.checkpoint_every == 0 and step < config.max_steps:
+                checkpoint()
+        bar.close()
+
+        final = dict(last_metrics)
+        ground_truth = _broadcast(trainer.evaluate() if main else None, world_size)
+        if ground_truth:
+            final |= ground_truth
+            if on_metrics:
+                on_metrics(trainer.step, ground_truth)
+        final["train/resumed_at_step"] = float(resumed_at)
+        checkpoint()
+        if main:
+            emit_artifact(trainer.save_validation(output_dir / "validation" / f"step_{trainer.step:07d}.png"))
+            emit_artifact(
+                trainer.save_turntable(
+                    output_dir / f"turntable.{log_cfg.turntable_format}", trainer.prompts[0]
+                )
+            )
+            (output_dir / "metrics.yaml").write_text(
+                yaml.safe_dump({k: v for k, v in final.items() if math.isfinite(v)}, sort_keys=True)
+            )
+        return TrainResult(final, output_dir, last_checkpoint, artifacts)
+    finally:
+        bar.close()
+        trainer.close()
+
+
+def _broadcast(value, world_size: int):
+    """Rank 0's value on every rank (evaluation runs on rank 0 only)."""
+    if not _is_distributed(world_size):
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
