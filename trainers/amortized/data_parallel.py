@@ -41,7 +41,7 @@ def check_resources(config: AmortizedConfig, cluster: dict[str, float]) -> None:
     """Refuse a world size the cluster cannot hold, naming the cluster's resources (a pure function)."""
     dp = config.data_parallel
     n = dp.num_workers
-    have = ", ".join(f"{k}={v:g}" for k, v in sorted(cluster.items()) if k in ("CPU", "GPU"))
+    have = f"CPU={cluster.get('CPU', 0):g}, GPU={cluster.get('GPU', 0):g}"
     if wants_gpu(config, cluster) and cluster.get("GPU", 0) < n:
         raise ClusterTooSmallError(
             f"data_parallel.num_workers={n} needs {n} GPUs (one per worker); the Ray cluster has {have}: "
