@@ -86,7 +86,9 @@ def build_trainer(
             "resume_from": resume_from,
             "report_keys": report_keys or {},
         },
-        scaling_config=ScalingConfig(num_workers=dp.num_workers, use_gpu=use_gpu, resources_per_worker=resources),
+        scaling_config=ScalingConfig(
+            num_workers=dp.num_workers, use_gpu=use_gpu, resources_per_worker=resources
+        ),
         torch_config=TorchConfig(backend=backend(config, use_gpu)),
         run_config=RunConfig(
             name=name,
