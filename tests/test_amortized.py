@@ -205,6 +205,7 @@ def test_generators_give_each_prompt_its_own_field_and_train_end_to_end(cfg):
     codes = generator.codes(text, noise)
     points = torch.rand(50, 3) * 2 - 1
     (d0, rgb0), (d1, rgb1) = generator.query(points, codes, 0), generator.query(points, codes, 1)
+    assert not torch.allclose(d0, d1)
     assert (
         d0.shape == (50,) and rgb0.shape == (50, 3) and (d0 >= 0).all() and ((rgb0 >= 0) & (rgb0 <= 1)).all()
     )
