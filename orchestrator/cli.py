@@ -1,6 +1,7 @@
 """The `dreamsweep` command. Thin: it parses arguments and calls the modules that do the work.
 
-dreamsweep train CONFIG [key=value ...] [--resume DIR]
+dreamsweep train CONFIG [key=value ...] [--resume DIR]      per-prompt, or amortized (`trainer: amortized`)
+dreamsweep generate RUN_DIR "a prompt" [--output FILE]     an amortized run's turntable for any prompt
 dreamsweep submit SPEC [--name NAME] [--workspace DIR] [--resume]
 dreamsweep resume NAME
 dreamsweep status NAME
@@ -34,13 +35,21 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser(
-        "train", help="train one prompt (no Ray): a trainer config YAML plus key=value overrides"
+        "train",
+        help="train one prompt (no Ray), or an amortized generator (`trainer: amortized`; on Ray Train "
+        "when data_parallel.num_workers > 1): a trainer config YAML plus key=value overrides",
     )
     p.add_argument("config", help="a trainer config YAML (e.g. the output of `dreamsweep best`)")
     p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. guidance.eta=0.2")
     p.add_argument(
         "--resume", default=None, metavar="DIR", help="a checkpoint dir to continue from, or 'latest'"
     )
+
+    p = sub.add_parser("generate", help="render an amortized run's generator for any prompt (one forward)")
+    p.add_argument("run_dir", help="an amortized run's output_dir (config.yaml, checkpoints/)")
+    p.add_argument("prompt", help="the text; prompts never trained on are fine")
+    p.add_argument("--output", default=None, metavar="FILE", help="default: RUN_DIR/generated/<prompt>.gif")
+    p.add_argument("--frames", type=int, default=None, help="turntable frames (default: the run's)")
 
     p = sub.add_parser("submit", help="validate a sweep spec and run it on Ray")
     p.add_argument("spec", help="a sweep spec YAML (start from sweeps/*.yaml)")
@@ -80,6 +89,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_train(args) -> int:
+    from trainers.amortized.config import is_amortized
+    from trainers.config_base import load_yaml, parse_overrides
+
+    if is_amortized({**load_yaml(args.config), **parse_overrides(args.overrides)}):
+        return _train_amortized(args)
     from trainers.config import load_train_config
     from trainers.per_prompt import train
 
@@ -87,6 +101,42 @@ def cmd_train(args) -> int:
     result = train(config, resume_from=args.resume)
     shown = ", ".join(f"{k}={v:.4g}" for k, v in sorted(result.final_metrics.items()))
     print(f"done: {result.output_dir}  {shown}")
+    return 0
+
+
+def _train_amortized(args) -> int:
+    import yaml
+
+    from trainers.amortized.config import load_amortized_config
+    from trainers.amortized.loop import PromptLibraryError
+
+    config = load_amortized_config(args.config, args.overrides)
+    try:
+        if config.data_parallel.num_workers > 1:
+            from trainers.amortized.data_parallel import fit
+
+            fit(config, resume_from=args.resume)
+        else:  # one process, no Ray
+            from trainers.amortized.loop import train
+
+            train(config, resume_from=args.resume)
+    except PromptLibraryError as exc:
+        raise ConfigError(str(exc)) from None
+    metrics = yaml.safe_load((Path(config.output_dir) / "metrics.yaml").read_text())
+    shown = ", ".join(f"{k}={v:.4g}" for k, v in sorted(metrics.items()) if k.startswith("eval/"))
+    print(f"done: {config.output_dir}  {shown}")
+    print(f'next: dreamsweep generate {config.output_dir} "a prompt it never saw"')
+    return 0
+
+
+def cmd_generate(args) -> int:
+    from trainers.amortized.generate import generate
+
+    result = generate(args.run_dir, args.prompt, args.output, frames=args.frames)
+    print(
+        f"{result.path}: generator forward {result.forward_s * 1000:.1f} ms (text encoder included), "
+        f"{len(result.frames)} frames rendered in {result.render_s:.2f} s"
+    )
     return 0
 
 
@@ -156,6 +206,7 @@ def cmd_list(args) -> int:
 
 COMMANDS = {
     "train": cmd_train,
+    "generate": cmd_generate,
     "submit": cmd_submit,
     "resume": cmd_resume,
     "status": cmd_status,
@@ -181,7 +232,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return COMMANDS[args.command](args)
-    except (ConfigError, UnknownSweepError, SweepExistsError, LookupError) as exc:
+    except (ConfigError, UnknownSweepError, SweepExistsError, LookupError, FileNotFoundError) as exc:
         print(f"dreamsweep {args.command}: error: {exc}", file=sys.stderr)
         return 2
 

@@ -120,13 +120,13 @@ def test_an_empty_library_is_refused_naming_the_field(tmp_path):
     (tmp_path / "empty.txt").write_text("# nothing here\n\n")
     cfg = tiny(tmp_path, **{"prompts": {"path": str(tmp_path / "empty.txt")}})
     with pytest.raises(PromptLibraryError, match="prompts: the source .*empty.txt' holds no prompts"):
-        AmortizedTrainer(cfg, FakeTinyPrior())
+        AmortizedTrainer(cfg, NO_PRIOR)
 
 
 def test_a_duplicate_only_library_is_refused_when_workers_outnumber_its_prompts(tmp_path):
     cfg = tiny(tmp_path, **{"prompts.items": ["a red cube"] * 3, "data_parallel.num_workers": 2})
     with pytest.raises(PromptLibraryError, match=r"only 1 distinct prompt\(s\) \(2 duplicate\(s\) dropped\)"):
-        AmortizedTrainer(cfg, FakeTinyPrior(), world_size=2)
+        AmortizedTrainer(cfg, NO_PRIOR, world_size=2)
 
 
 def test_a_missing_split_is_refused_naming_the_splits_there(tmp_path):
@@ -134,13 +134,15 @@ def test_a_missing_split_is_refused_naming_the_splits_there(tmp_path):
     with pytest.raises(
         PromptLibraryError, match="prompts.split: 'holdout' is not in magic3d_15.json; allowed test"
     ):
-        AmortizedTrainer(cfg, FakeTinyPrior())
+        AmortizedTrainer(cfg, NO_PRIOR)
 
 
-class FakeTinyPrior:
-    """Never reached: the library is refused before the prior is used."""
+class Unusable:
+    def __getattr__(self, name):
+        raise AssertionError("the prior was used before the prompt library was checked")
 
-    text_encoder = SceneTextEncoder()
+
+NO_PRIOR = Unusable()
 
 
 # -- embedding cache -----------------------------------------------------------------------------
@@ -260,3 +262,43 @@ def test_occupancy_grid_rendering_is_refused_for_a_generator(tmp_path):
 
     with pytest.raises(ConfigError, match="renderer.estimator=uniform"):
         tiny(tmp_path, **{"renderer.estimator": "occgrid"})
+
+
+# -- the command line ----------------------------------------------------------------------------
+
+
+def test_cli_trains_an_amortized_config_and_generates_a_turntable_for_an_unseen_prompt(tmp_path, capsys):
+    import imageio.v3 as iio
+    import yaml
+
+    from orchestrator.cli import main
+
+    config_file = tmp_path / "amortized.yaml"
+    config_file.write_text(yaml.safe_dump(TINY))
+    run = tmp_path / "run"
+    overrides = [f"output_dir={run}", f"text_cache.path={tmp_path / 'text.arrow'}", "max_steps=2"]
+    assert main(["train", str(config_file), *overrides]) == 0
+    assert (run / "metrics.yaml").exists()
+
+    unseen = "a purple teapot made of glass"
+    assert unseen not in TINY["prompts"]["items"]
+    assert main(["generate", str(run), unseen, "--output", str(tmp_path / "t.gif"), "--frames", "4"]) == 0
+    printed = capsys.readouterr().out
+    assert "generator forward" in printed and "ms" in printed
+    frames = iio.imread(tmp_path / "t.gif")
+    assert frames.shape == (4, 16, 16, 3)
+    assert frames.std() > 1.0  # not one flat colour
+
+
+def test_cli_train_refuses_a_bad_library_before_training(tmp_path, capsys):
+    import yaml
+
+    from orchestrator.cli import main
+
+    config_file = tmp_path / "amortized.yaml"
+    config_file.write_text(
+        yaml.safe_dump({**TINY, "prompts": {"path": "sweeps/prompts/magic3d_15.json", "split": "x"}})
+    )
+    assert main(["train", str(config_file), f"output_dir={tmp_path / 'run'}"]) == 2
+    assert "prompts.split: 'x' is not in magic3d_15.json" in capsys.readouterr().err
+    assert not (tmp_path / "run" / "checkpoints").exists()

@@ -136,18 +136,15 @@ def text_cache_path(config: AmortizedConfig) -> Path:
     return default_cache_dir(config.prior) / "text_embeddings" / f"{slug}.arrow"
 
 
-def load_library(
-    config: AmortizedConfig, encoder: GeneratorTextEncoder, world_size: int = 1, progress: bool = True
-) -> PromptLibrary:
-    """The deduplicated training prompts and their cached embeddings; refuses an unusable library."""
+def read_prompts(config: AmortizedConfig, world_size: int = 1) -> tuple[list[str], int]:
+    """The deduplicated training prompts and how many duplicates were dropped; refuses an unusable library.
+
+    Needs no prior, so a bad library fails in a second, before anything is loaded."""
     try:
         table = load_prompt_table(config.prompts)
     except (OSError, ValueError, pa.ArrowInvalid) as exc:
         raise PromptLibraryError(str(exc)) from None
     table, dropped = drop_duplicates(table)
-    messages = []
-    if dropped:
-        messages.append(f"prompts: dropped {dropped} duplicate prompt(s), {table.num_rows} remain")
     if table.num_rows < world_size:
         what = f"only {table.num_rows} distinct prompt(s)" + (
             f" ({dropped} duplicate(s) dropped)" if dropped else ""
@@ -156,10 +153,22 @@ def load_library(
             f"prompts: {what}, fewer than data_parallel.num_workers={world_size}: every worker needs a "
             "prompt of its own; add prompts or lower data_parallel.num_workers"
         )
-    prompts = table.column("prompt").to_pylist()
+    return table.column("prompt").to_pylist(), dropped
+
+
+def load_library(
+    config: AmortizedConfig,
+    encoder: GeneratorTextEncoder,
+    world_size: int = 1,
+    progress: bool = True,
+    prompts: tuple[list[str], int] | None = None,
+) -> PromptLibrary:
+    """The training prompts and their cached embeddings."""
+    texts, dropped = prompts or read_prompts(config, world_size)
+    messages = [f"prompts: dropped {dropped} duplicate prompt(s), {len(texts)} remain"] if dropped else []
     cache = TextEmbeddingCache(text_cache_path(config), encoder, config.text_cache.batch_size)
-    features = cache.get(prompts, progress=progress)
-    return PromptLibrary(prompts, features, dropped, messages + cache.messages)
+    features = cache.get(texts, progress=progress)
+    return PromptLibrary(texts, features, dropped, messages + cache.messages)
 
 
 def evaluation_prompts(config: AmortizedConfig, prompts: list[str]) -> dict[str, list[str]]:
@@ -238,9 +247,10 @@ class AmortizedTrainer:
         self.device = resolve_device(device or config.device)
         seed_everything(config.seed)  # the same initial weights on every rank
         self.rng = torch.Generator(device="cpu").manual_seed(config.seed * 1_000_003 + rank)
+        prompts = read_prompts(config, world_size)  # before the prior: a bad library fails fast
         self.prior = prior if prior is not None else load_prior(config.prior, self.device)
         self.encoder = GeneratorTextEncoder(self.prior)
-        self.library = load_library(config, self.encoder, world_size, progress=progress and rank == 0)
+        self.library = load_library(config, self.encoder, world_size, progress and rank == 0, prompts)
         for message in self.library.messages:
             if rank == 0:
                 log.warning(message)
