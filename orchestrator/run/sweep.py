@@ -22,7 +22,14 @@ from orchestrator.run.tuner import build_tuner, can_restore, experiment_path, op
 from orchestrator.run.workspace import SweepRecord, Workspace
 from orchestrator.spec.prompts import load_prompts
 from orchestrator.spec.space import optuna_space
-from orchestrator.spec.spec import SweepSpec, base_config_dict, load_sweep_spec, spec_to_dict
+from orchestrator.spec.spec import (
+    SweepSpec,
+    base_config_dict,
+    load_sweep_spec,
+    spec_to_dict,
+    sweep_keys,
+    trainer_functions,
+)
 from orchestrator.track import tracking
 from orchestrator.track.progress import SweepProgress
 
@@ -102,6 +109,8 @@ def make_context(spec: SweepSpec, record: SweepRecord, prompts: list[str]) -> Sw
         experiment_id=record.experiment_id,
         parent_run_id=record.parent_run_id,
         git_commit=tracking.git_commit(),
+        trainer=spec.trainer,
+        trainer_keys=sweep_keys(spec, prompts[0]) if spec.trainer == "amortized" else {},
     )
     return dataclasses.replace(context, **record.extra)
 
@@ -117,14 +126,13 @@ def connect(spec: SweepSpec, address: str | None) -> None:
 def _run(
     spec: SweepSpec, record: SweepRecord, *, restore: bool, address: str | None, started: float
 ) -> SweepOutcome:
-    from trainers.config import load_train_config
-
     prompts = [str(p) for p in load_prompts(spec.prompts).column("prompt").to_pylist()]
     context = make_context(spec, record, prompts)
-    panel = 1 if spec.kind == "fanout" else len(prompts)
-    steps_per_trial = (
-        panel * load_train_config(context.base, {**context.overrides, **context.extra_overrides}).max_steps
-    )
+    # An amortized trial trains all prompts at once: its steps are the generator's.
+    panel = 1 if spec.kind == "fanout" or spec.trainer == "amortized" else len(prompts)
+    _, load_config, _ = trainer_functions(spec.trainer)
+    overrides = {**context.overrides, **context.extra_overrides, **context.trainer_keys}
+    steps_per_trial = panel * load_config(context.base, overrides).max_steps
 
     connect(spec, address)
     client = MlflowClient(record.stores.mlflow_uri)

@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import ray
+import yaml
 from ray import tune
 
 from orchestrator.spec.space import PROMPT_INDEX, resolve_params
@@ -86,6 +87,8 @@ class SweepContext:
     train_fn: str = "trainers.per_prompt:train"
     load_prior_fn: str = "trainers.priors:load_prior"
     extra_overrides: dict[str, Any] = field(default_factory=dict)
+    trainer: str = "per-prompt"  # or "amortized": see run_amortized_trial
+    trainer_keys: dict[str, Any] = field(default_factory=dict)  # amortized: {"prompts": the spec's source}
 
 
 def import_function(path: str) -> Callable:
@@ -322,3 +325,118 @@ class PromptHooks:
     def on_artifact(self, step: int, path: Path) -> None:
         kind = "validation" if Path(path).parent.name == "validation" else "renders"
         self.run.log_artifact(Path(path), self.folder(kind))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Amortized trials: one Ray Train run of N workers per trial
+
+
+def run_amortized_trial(config: dict[str, Any], context: SweepContext) -> None:
+    """The Tune function trainable of an amortized sweep.
+
+    The trial itself holds no resources: it starts a TorchTrainer whose N workers each hold theirs
+    (the spec's `resources`, per worker). Rank 0's reports reach MLflow and Tune through
+    `AmortizedTrialCallback` (ranks other than 0 log nothing). Ray Train keeps the checkpoints under
+    the trial's directory with a fixed name, so a trial restarted by `dreamsweep resume` (or a retry)
+    continues from the last one.
+    """
+    from trainers.amortized.config import load_amortized_config
+    from trainers.amortized.data_parallel import build_trainer
+    from trainers.config import config_to_dict
+
+    params = {key: value for key, value in config.items() if key != OPTUNA_TRIAL_KEY}
+    number = config.get(OPTUNA_TRIAL_KEY)
+    tune_context = tune.get_context()
+    trial_dir = Path(tune_context.get_trial_dir())
+    overrides = {**context.overrides, **resolve_params(params), **context.extra_overrides}
+    output_dir = trial_dir / "amortized"
+    cfg = load_amortized_config(
+        context.base, {**overrides, **context.trainer_keys, "output_dir": str(output_dir)}
+    )
+    identity = tracking.TrialIdentity(
+        sweep=context.sweep,
+        experiment_id=context.experiment_id,
+        parent_run_id=context.parent_run_id,
+        ray_trial_id=tune_context.get_trial_id(),
+        optuna_trial=number,
+        prompts=context.prompts,
+        search_params=resolve_params(params),
+        git_commit=context.git_commit,
+    )
+    client = cached_client(context.mlflow_uri)
+    found = tracking.find_trial_run(client, context.experiment_id, identity.ray_trial_id)
+    finished = tracking.finished_objective(found)
+    if finished is not None:
+        tune.report({OBJECTIVE: finished, STEP: cfg.max_steps})
+        return
+    params_logged = tracking.flatten_for_params(config_to_dict(cfg))
+    params_logged["prompts.count"] = len(context.prompts)
+    run = tracking.TrialRun.open(client, identity, params_logged, found=found)
+    callback = AmortizedTrialCallback(context.mlflow_uri, run.run_id, context.objective_metric)
+    try:
+        trainer = build_trainer(
+            cfg,
+            storage_path=str(trial_dir / "ray_train"),
+            name="amortized",
+            callbacks=[callback],
+            report_keys={OBJECTIVE: context.objective_metric},
+        )
+        result = trainer.fit()
+        final = yaml.safe_load((output_dir / "metrics.yaml").read_text())
+        if context.objective_metric not in final:
+            raise RuntimeError(
+                f"the amortized trainer never reported the objective {context.objective_metric!r}"
+            )
+        value = float(final[context.objective_metric])
+        run.log_metrics(cfg.max_steps, {OBJECTIVE: value}, force=True)
+        for name in ("config.yaml", "metrics.yaml", f"turntable.{cfg.logging.turntable_format}"):
+            if (output_dir / name).exists():
+                run.log_artifact(output_dir / name, "renders" if name.startswith("turntable") else None)
+        if (output_dir / "validation").is_dir():
+            run.log_artifact(output_dir / "validation", "validation")
+        run.finish("FINISHED")
+        held = {k: v for k, v in (result.metrics or {}).items() if k.startswith("worker/")}
+        tune.report({OBJECTIVE: value, STEP: cfg.max_steps, "workers": cfg.data_parallel.num_workers, **held})
+    except SystemExit:
+        run.flush()
+        raise
+    except BaseException:
+        run.set_tags({"dreamsweep.error": traceback.format_exc()[-4000:]})
+        run.finish("FAILED")
+        raise
+
+
+def amortized_trial_callback_class():
+    """Built lazily: importing Ray Train's Tune integration is only needed by amortized sweeps."""
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    class _Callback(TuneReportCallback):
+        """Runs in the Ray Train controller: rank 0's reports -> the trial's MLflow run, and -> Tune
+        once they carry the objective (the searcher and ASHA need it in every result)."""
+
+        def __init__(self, mlflow_uri: str, run_id: str, objective_metric: str):
+            super().__init__()
+            self.mlflow_uri, self.run_id, self.objective_metric = mlflow_uri, run_id, objective_metric
+            self._run = None
+
+        def after_report(self, run_context, metrics, checkpoint):
+            rank0 = dict(metrics[0])
+            step = int(rank0.get(STEP, 0))
+            if self._run is None:  # resumed=True: steps already in MLflow (before a restart) are skipped
+                import mlflow
+
+                self._run = tracking.TrialRun(mlflow.MlflowClient(self.mlflow_uri), self.run_id, resumed=True)
+            logged = {k: v for k, v in rank0.items() if k.startswith(("train/", "eval/")) and _is_number(v)}
+            self._run.log_metrics(step, logged, force=True)
+            if OBJECTIVE in rank0:
+                super().after_report(run_context, [rank0], checkpoint)
+
+    return _Callback
+
+
+def AmortizedTrialCallback(mlflow_uri: str, run_id: str, objective_metric: str):  # noqa: N802 (a factory)
+    return amortized_trial_callback_class()(mlflow_uri, run_id, objective_metric)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)

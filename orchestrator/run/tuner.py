@@ -41,7 +41,14 @@ from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search import ConcurrencyLimiter, SearchGenerator
 from ray.tune.search.optuna import OptunaSearch
 
-from orchestrator.run.trainable import OBJECTIVE, OPTUNA_TRIAL_KEY, STEP, SweepContext, run_trial
+from orchestrator.run.trainable import (
+    OBJECTIVE,
+    OPTUNA_TRIAL_KEY,
+    STEP,
+    SweepContext,
+    run_amortized_trial,
+    run_trial,
+)
 from orchestrator.spec.space import PROMPT_INDEX, make_sampler, optuna_space
 from orchestrator.spec.spec import SweepSpec
 
@@ -266,6 +273,12 @@ def build_searcher(spec: SweepSpec, num_prompts: int, optuna_url: str) -> SweepS
 
 
 def build_trainable(spec: SweepSpec, context: SweepContext):
+    if spec.trainer == "amortized":
+        # The trial only drives a Ray Train run; its workers hold the spec's resources, each. Tune
+        # refuses an all-zero request, so the trial asks for one byte of memory and no CPU (with a
+        # CPU of its own, 2 one-CPU workers would never fit on 2 cores).
+        driver = {"cpu": 0, "memory": 1}
+        return tune.with_resources(tune.with_parameters(run_amortized_trial, context=context), driver)
     resources = {"cpu": spec.resources.cpus, "gpu": spec.resources.gpus}
     return tune.with_resources(tune.with_parameters(run_trial, context=context), resources)
 

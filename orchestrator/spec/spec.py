@@ -191,7 +191,9 @@ class Storage(ConfigBase):
 
 class SweepSpec(ConfigBase):
     name: str
-    trainer: Literal["per-prompt"] = "per-prompt"  # "amortized" arrives with its issue
+    # "amortized": each trial trains one generator on all `prompts` (a Ray Train run of
+    # data_parallel.num_workers workers, each holding `resources`); kind must be "search".
+    trainer: Literal["per-prompt", "amortized"] = "per-prompt"
     kind: Literal["fanout", "search"] = "search"
     # The trainer config: a YAML path (relative to the spec file) or an inline mapping; None: defaults.
     base: str | dict[str, Any] | None = None
@@ -230,6 +232,14 @@ class SweepSpec(ConfigBase):
         elif not self.search.is_empty():
             raise ValueError(
                 "search.space: a fanout sweep runs one fixed config; put fixed values in overrides"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _amortized_searches(self) -> SweepSpec:
+        if self.trainer == "amortized" and self.kind != "search":
+            raise ValueError(
+                "kind: an amortized sweep trains one generator on all its prompts per trial; use kind: search"
             )
         return self
 
@@ -290,9 +300,7 @@ def check_spec(spec: SweepSpec) -> None:
     """The checks that read files or the trainer's schema. Raises SpecError with the field path."""
     from orchestrator.spec.prompts import load_prompts
     from orchestrator.spec.space import corner_params, resolve_params
-    from trainers.config import TrainConfig, load_train_config
     from trainers.config_base import valid_keys
-    from trainers.per_prompt import reported_metrics
 
     if isinstance(spec.base, str) and not Path(spec.base).is_file():
         raise SpecError(f"base: trainer config {spec.base!r} does not exist")
@@ -306,7 +314,8 @@ def check_spec(spec: SweepSpec) -> None:
             f"trials: a fanout sweep runs one trial per prompt ({prompts.num_rows} selected); "
             f"got trials={spec.trials} (omit it)"
         )
-    known = set(valid_keys(TrainConfig))
+    config_class, load_config, reported_metrics = trainer_functions(spec.trainer)
+    known = set(valid_keys(config_class))
     for key in spec.search.space:
         if key not in known:
             import difflib
@@ -314,10 +323,10 @@ def check_spec(spec: SweepSpec) -> None:
             close = difflib.get_close_matches(key, sorted(known), n=1, cutoff=0.5)
             hint = f"; did you mean {close[0]!r}?" if close else ""
             raise SpecError(f"search.space.{key}: not a trainer config key{hint}")
-        if key in ("prompt", "output_dir"):
+        if key.split(".")[0] in ("prompt", "prompts", "output_dir"):
             raise SpecError(f"search.space.{key}: set by the sweep itself, it cannot be searched")
     for key in spec.overrides:
-        if key in ("prompt", "output_dir"):
+        if key.split(".")[0] in ("prompt", "prompts", "output_dir"):
             raise SpecError(f"overrides.{key}: set by the sweep itself (prompts come from `prompts`)")
 
     first_prompt = str(prompts.column("prompt")[0])
@@ -327,8 +336,8 @@ def check_spec(spec: SweepSpec) -> None:
     config = None
     for params in corner_params(spec):
         try:
-            config = load_train_config(
-                base, {**spec.overrides, **resolve_params(params), "prompt": first_prompt}
+            config = load_config(
+                base, {**spec.overrides, **resolve_params(params), **sweep_keys(spec, first_prompt)}
             )
         except ConfigError as exc:
             shown = ", ".join(f"{k}={v!r}" for k, v in params.items())
@@ -350,6 +359,31 @@ def check_spec(spec: SweepSpec) -> None:
         from orchestrator.spec.space import grid_values
 
         grid_values(spec)  # raises SpecError for parameters without a finite grid
+
+
+def trainer_functions(trainer: str):
+    """(config class, config loader, reported-metrics function) of the trainer a spec names."""
+    if trainer == "amortized":
+        from trainers.amortized.config import AmortizedConfig, load_amortized_config
+        from trainers.amortized.loop import reported_metrics
+
+        return AmortizedConfig, load_amortized_config, reported_metrics
+    from trainers.config import TrainConfig, load_train_config
+    from trainers.per_prompt import reported_metrics
+
+    return TrainConfig, load_train_config, reported_metrics
+
+
+def sweep_keys(spec: SweepSpec, prompt: str) -> dict[str, Any]:
+    """The trainer keys the sweep itself sets: the prompt (per-prompt), or the whole prompt source and
+    each data-parallel worker's resources (amortized)."""
+    if spec.trainer == "amortized":
+        return {
+            "prompts": spec.prompts.model_dump(mode="json", exclude_none=True),
+            "data_parallel.cpus_per_worker": spec.resources.cpus,
+            "data_parallel.use_gpu": spec.resources.gpus > 0,
+        }
+    return {"prompt": prompt}
 
 
 def base_config_dict(spec: SweepSpec) -> dict[str, Any]:

@@ -110,7 +110,8 @@ def compare(name: str, workspace: Workspace, top: int | None = None) -> list[dic
 
 def best_config_yaml(name: str, workspace: Workspace) -> str:
     """The best trial's resolved trainer config (YAML). Raises LookupError if no trial has finished."""
-    from trainers.config import config_to_dict, load_train_config
+    from orchestrator.spec.spec import sweep_keys, trainer_functions
+    from trainers.config import config_to_dict
 
     spec = workspace.spec(name)
     finished = [
@@ -124,10 +125,11 @@ def best_config_yaml(name: str, workspace: Workspace) -> str:
     overrides = {
         **spec.overrides,
         **best["params"],
-        "prompt": best["prompts"][0],
+        **sweep_keys(spec, best["prompts"][0]),
         "output_dir": f"outputs/{name}-best",
     }
-    config = load_train_config(base_config_dict(spec), overrides)
+    _, load_config, _ = trainer_functions(spec.trainer)
+    config = load_config(base_config_dict(spec), overrides)
     header = (
         f"# Best trial of sweep {name!r}: Optuna trial {best['trial']}, MLflow run {best['run_id']},\n"
         f"# {spec.objective.metric} ({spec.objective.aggregate} over {len(best['prompts'])} prompt(s)) = {best['objective']:.6g}.\n"

@@ -55,8 +55,14 @@ def check_resources(config: AmortizedConfig, cluster: dict[str, float]) -> None:
 
 
 def backend(config: AmortizedConfig, use_gpu: bool) -> str:
+    """auto: nccl for GPU workers when this process's torch has CUDA, else gloo (also for logical GPUs
+    on a CPU-only machine). A CPU-only head driving GPU workers names nccl explicitly."""
+    import torch
+
     chosen = config.data_parallel.backend
-    return ("nccl" if use_gpu else "gloo") if chosen == "auto" else chosen
+    if chosen != "auto":
+        return chosen
+    return "nccl" if use_gpu and torch.cuda.is_available() else "gloo"
 
 
 def build_trainer(
