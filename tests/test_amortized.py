@@ -246,9 +246,15 @@ def test_training_writes_metrics_grids_turntable_and_resumes_bit_for_bit(tmp_pat
     assert (out / "validation" / "step_0000004.txt").read_text().splitlines()[2] == "a purple cylinder"
     assert result.final_metrics["train/epoch"] == 2.0  # 3 prompts, 2 a step: 2 steps an epoch
 
-    interrupted = tiny(tmp_path / "b", max_steps=2)
-    train(interrupted, tiny_sd_prior, progress=False)
+    class Killed(Exception):
+        pass
+
+    def die_after_first_checkpoint(step, path):
+        raise Killed
+
     resumed = tiny(tmp_path / "b")
+    with pytest.raises(Killed):  # the same run, stopped right after its checkpoint at step 2
+        train(resumed, tiny_sd_prior, progress=False, on_checkpoint=die_after_first_checkpoint)
     again = train(resumed, tiny_sd_prior, resume_from="latest", progress=False)
     assert again.final_metrics["train/resumed_at_step"] == 2
     a = load_checkpoint(latest_checkpoint(out / "checkpoints"))

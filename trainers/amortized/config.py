@@ -98,6 +98,11 @@ class AmortizedConfig(ConfigBase):
     data_parallel: DataParallelConfig = DataParallelConfig()
 
     @model_validator(mode="after")
+    def _timesteps_ordered_at_every_step(self) -> AmortizedConfig:
+        self.guidance.check_timesteps(self.max_steps)
+        return self
+
+    @model_validator(mode="after")
     def _usable(self) -> AmortizedConfig:
         if self.resolution % 2:
             raise ValueError(f"resolution must be even (got {self.resolution}); e.g. resolution=64")

@@ -59,6 +59,7 @@ from trainers.guidance import make_guidance
 from trainers.per_prompt import NonFiniteLossError, TrainResult, seed_everything
 from trainers.priors import load_prior, resolve_device
 from trainers.priors.base import DiffusionPrior, default_cache_dir
+from trainers.reference.config import REFERENCE_PRIORS
 from trainers.reference.scenes import is_scene_prompt, prompt_split, scene_cache_dir
 from trainers.rendering import Background, VolumeRenderer
 from trainers.visualize import image_grid, save_turntable
@@ -258,7 +259,8 @@ class AmortizedTrainer:
         self.ddp: nn.Module = self.model
         if _is_distributed(world_size):
             self.ddp = nn.parallel.DistributedDataParallel(self.model)
-        self.guidance = make_guidance(config.guidance, self.prior)
+        self._batch_prompts: list[str] = []
+        self.guidance = make_guidance(config.guidance, self.prior, config.max_steps, self._target_fn())
         self.cameras = CameraSampler(config.camera)
         with torch.no_grad():
             self.uncond = self.prior.encode_text([config.negative_prompt])
@@ -275,6 +277,25 @@ class AmortizedTrainer:
         self.optimizer = torch.optim.Adam([g for g in groups if g["params"]], betas=opt.betas, eps=opt.eps)
         self.step = 0
         self._epoch_cache: tuple[int, list] | None = None
+
+    def _target_fn(self):
+        """`guidance.method: supervised` (the amortized ceiling): each row's true scene at its camera."""
+        if self.config.guidance.method != "supervised":
+            return None
+        if not all(is_scene_prompt(p) for p in self.prompts):
+            return None  # make_guidance says what supervised needs
+        from trainers.reference.supervised import ground_truth_target
+
+        scene = self.config.prior.reference.scene
+
+        def target(cameras: CameraBatch) -> torch.Tensor:
+            rows = [
+                ground_truth_target(prompt, self.config.resolution, scene)(camera_slice(cameras, i, i + 1))
+                for i, prompt in enumerate(self._batch_prompts)
+            ]
+            return torch.cat(rows)
+
+        return target
 
     @property
     def prompts(self) -> list[str]:
@@ -353,6 +374,7 @@ class AmortizedTrainer:
         weight = torch.tensor(weights, device=images.device).view(-1, 1, 1, 1)
         images = weight * images + (1 - weight) * images.detach()
         prompts = [self.prompts[i] for i in indices]
+        self._batch_prompts = prompts
         if cfg.camera.view_dependent_prompting:
             labels = view_direction_labels(cameras.elevation, cameras.azimuth, cfg.camera)
             prompts = [view_dependent_prompt(p, label) for p, label in zip(prompts, labels, strict=True)]
@@ -364,7 +386,7 @@ class AmortizedTrainer:
             self.uncond,
             step=self.step,
             generator=self.rng,
-            camera_vectors=cameras.camera_vector(),
+            cameras=cameras,
         )
         opacity = out["opacity"].clamp(1e-5, 1 - 1e-5)
         terms = {"guidance": guided.loss, **guided.extra_losses}
@@ -510,7 +532,7 @@ def reported_metrics(config: AmortizedConfig) -> set[str]:
         names.add("train/loss_sparsity")
     if config.loss.lambda_opacity > 0:
         names.add("train/loss_opacity")
-    if config.prior.name == "reference":
+    if config.prior.name in REFERENCE_PRIORS:
         short = [name.removeprefix("eval/") for name in evaluation.METRIC_NAMES]
         names |= {f"eval/{n}" for n in short}
         if config.eval_prompts.held_out or config.eval_prompts.n_reference_held_out:
