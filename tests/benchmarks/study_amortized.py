@@ -130,7 +130,7 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", default=["asd", "csd", "sds", "vsd", "supervised"])
     parser.add_argument("--prompts", nargs="+", type=int, default=[200], help="library sizes")
     parser.add_argument(
-        "--vsd-prompts", nargs="+", type=int, default=[20, 200], help="VSD and ASD also at these"
+        "--vsd-prompts", nargs="*", type=int, default=[20, 200], help="VSD and ASD also at these"
     )
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--eval-every", type=int, default=100)
