@@ -81,5 +81,9 @@ def test_best_yaml_of_an_amortized_sweep_is_an_amortized_config(amortized_sweep,
 def test_an_amortized_fanout_and_an_unknown_objective_are_refused():
     with pytest.raises(SpecError, match="kind: an amortized sweep trains one generator"):
         load_sweep_spec(spec(kind="fanout", search={}, trials=None))
+    with pytest.raises(
+        SpecError, match="resources.gpus: an amortized sweep's resources are per data-parallel"
+    ):
+        load_sweep_spec(spec(resources={"gpus": 0.5}))
     with pytest.raises(SpecError, match="objective.metric 'eval/psnr' is never reported"):
         load_sweep_spec(spec(objective={"metric": "eval/psnr"}))

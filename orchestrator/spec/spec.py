@@ -241,6 +241,11 @@ class SweepSpec(ConfigBase):
             raise ValueError(
                 "kind: an amortized sweep trains one generator on all its prompts per trial; use kind: search"
             )
+        if self.trainer == "amortized" and self.resources.gpus not in (0, 1):
+            raise ValueError(
+                f"resources.gpus: an amortized sweep's resources are per data-parallel worker, which holds "
+                f"0 or 1 GPU (got {self.resources.gpus:g}); set data_parallel.num_workers for more GPUs"
+            )
         return self
 
     def searched_keys(self) -> list[str]:
