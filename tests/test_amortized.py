@@ -308,3 +308,13 @@ def test_cli_train_refuses_a_bad_library_before_training(tmp_path, capsys):
     assert main(["train", str(config_file), f"output_dir={tmp_path / 'run'}"]) == 2
     assert "prompts.split: 'x' is not in magic3d_15.json" in capsys.readouterr().err
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+@pytest.mark.parametrize("name", ["amortized_reference_cpu", "amortized_tiny_cpu"])
+def test_shipped_amortized_configs_load_and_read_their_libraries(name):
+    from trainers.amortized.loop import read_prompts
+
+    cfg = load_amortized_config(f"sweeps/configs/{name}.yaml")
+    prompts, dropped = read_prompts(cfg)
+    assert cfg.trainer == "amortized" and dropped == 0
+    assert len(prompts) == (200 if name == "amortized_reference_cpu" else 15)
