@@ -185,6 +185,18 @@ def test_too_long_prompts_are_truncated_with_a_warning(caplog):
     assert "longer than the text encoder's 16 tokens and are truncated" in caplog.text
 
 
+def test_stable_diffusion_priors_condition_on_the_pooled_clip_output_and_flag_long_prompts(tiny_sd_prior):
+    encoder = GeneratorTextEncoder(tiny_sd_prior)
+    assert encoder.dim == tiny_sd_prior.text_encoder.config.hidden_size
+    features = encoder.encode(["a red cube", "a blue ball"])
+    assert features.shape == (2, encoder.dim) and not torch.allclose(features[0], features[1])
+    long = "a very long prompt " * 40
+    assert encoder.too_long([long, "a red cube"]) == [long]
+    assert (
+        len(encoder.encoder_id) == 16 and encoder.encoder_id != GeneratorTextEncoder(FakePrior()).encoder_id
+    )
+
+
 # -- generators ----------------------------------------------------------------------------------
 
 
