@@ -98,6 +98,14 @@ def test_two_gloo_workers_train_and_a_killed_worker_resumes_at_the_checkpointed_
     assert (Path(killed.output_dir) / "turntable.gif").stat().st_size > 0
 
 
+def test_a_library_with_fewer_prompts_than_workers_is_refused_before_any_worker_starts(local_ray, tmp_path):
+    from trainers.amortized.loop import PromptLibraryError
+
+    cfg = config(tmp_path, "few", **{"prompts.items": ["a red cube", "a red cube"]})
+    with pytest.raises(PromptLibraryError, match="fewer than data_parallel.num_workers=2"):
+        build_trainer(cfg)
+
+
 def test_a_world_larger_than_the_clusters_gpus_is_refused_naming_them(local_ray, tmp_path):
     cfg = config(tmp_path, "big", **{"data_parallel.num_workers": 3, "data_parallel.use_gpu": True})
     with pytest.raises(ClusterTooSmallError, match=r"needs 3 GPUs.*the Ray cluster has CPU=2, GPU=0"):

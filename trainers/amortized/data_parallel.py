@@ -79,6 +79,9 @@ def build_trainer(
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
+    from trainers.amortized.loop import read_prompts
+
+    read_prompts(config, config.data_parallel.num_workers)  # a bad library fails here, not in N workers
     cluster = ray.cluster_resources()
     check_resources(config, cluster)
     use_gpu = wants_gpu(config, cluster)
