@@ -330,3 +330,19 @@ def test_shipped_amortized_configs_load_and_read_their_libraries(name):
     prompts, dropped = read_prompts(cfg)
     assert cfg.trainer == "amortized" and dropped == 0
     assert len(prompts) == (200 if name == "amortized_reference_cpu" else 15)
+
+
+def test_a_hyper_background_gives_each_prompt_its_own_backdrop(tmp_path, tiny_sd_prior):
+    cfg = tiny(tmp_path, **{"generator.background_hyper_dim": 8, "max_steps": 1})
+    trainer = AmortizedTrainer(cfg, tiny_sd_prior, progress=False)
+    with torch.no_grad():
+        for param in trainer.model.background.parameters():
+            param.add_(torch.randn_like(param))
+    trainer.training_step()  # trains through it
+    assert all(p.grad is not None for p in trainer.model.background.parameters())
+    cameras = trainer.validation_cameras()
+    views = trainer.render_prompts(["a red cube", "a blue ball"], cameras)
+    n = len(cameras)
+    # The empty corners of the image are pure background: different per prompt.
+    corner = views["rgb"][:, 0, 0]
+    assert not torch.allclose(corner[:n], corner[n:])

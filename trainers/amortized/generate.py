@@ -66,7 +66,7 @@ def generate(
     device = next(model.parameters()).device
     started = time.perf_counter()
     text = encoder.encode([prompt]).to(device)
-    codes = model.generator.codes(text, None)
+    codes = model.codes(text, None)
     forward_s = time.perf_counter() - started
 
     cam = config.camera
@@ -74,7 +74,7 @@ def generate(
         frames or config.logging.turntable_frames, cam.eval_elevation, cam.eval_distance, cam.eval_fovy
     ).to(device)
     started = time.perf_counter()
-    model.field.select(codes, 0)
+    model.select(codes, 0)
     res = config.resolution
     rgb = torch.cat(
         [

@@ -33,6 +33,7 @@ from tqdm.auto import tqdm
 from trainers import evaluation
 from trainers.amortized.config import AmortizedConfig
 from trainers.amortized.generators import ConditionedField, Generator, make_generator
+from trainers.amortized.generators.background import HyperBackground
 from trainers.amortized.prompt_library import (
     GeneratorTextEncoder,
     TextEmbeddingCache,
@@ -200,8 +201,25 @@ class AmortizedModel(nn.Module):
         super().__init__()
         self.generator: Generator = make_generator(config.generator, text_dim)
         self.field = ConditionedField(self.generator)
-        self.background = Background(config.background)
+        hyper_dim = config.generator.background_hyper_dim
+        self.background = (
+            HyperBackground(config.background, text_dim, hyper_dim)
+            if hyper_dim
+            else Background(config.background)
+        )
         self.renderer = VolumeRenderer(config.renderer, self.field, self.background, config.generator.radius)
+
+    def codes(self, text: torch.Tensor, noise: torch.Tensor | None = None) -> tuple:
+        """Every prompt's field (and background, when it is text-conditioned) from one forward."""
+        background = self.background.codes(text) if isinstance(self.background, HyperBackground) else None
+        return self.generator.codes(text, noise), background
+
+    def select(self, codes: tuple | None, index: int) -> None:
+        """Point the renderer's field (and background) at prompt `index` of `codes`."""
+        field_codes, background = codes if codes is not None else (None, None)
+        self.field.select(field_codes, index)
+        if isinstance(self.background, HyperBackground):
+            self.background.select(background, index)
 
     def forward(
         self,
@@ -212,14 +230,14 @@ class AmortizedModel(nn.Module):
         train: bool = True,
         generator: torch.Generator | None = None,
     ) -> dict[str, torch.Tensor]:
-        codes = self.generator.codes(text, noise)  # one forward for the whole batch
+        codes = self.codes(text, noise)  # one forward for the whole batch
         per_prompt = len(cameras) // len(text)
         outs = []
         for i in range(len(text)):
-            self.field.select(codes, i)
+            self.select(codes, i)
             views = camera_slice(cameras, i * per_prompt, (i + 1) * per_prompt)
             outs.append(self.renderer.render(views, resolution, resolution, train=train, generator=generator))
-        self.field.select(None, 0)
+        self.select(None, 0)
         keys = ("rgb", "rgb_fg", "opacity", "depth")
         return {key: torch.cat([out[key] for out in outs]) for key in keys}
 

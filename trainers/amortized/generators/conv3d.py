@@ -31,6 +31,8 @@ class Conv3DConfig(DensityConfig):
     feature_dim: int = Field(32, ge=1)
     mlp_hidden_dim: int = Field(32, ge=1)
     eval_noise_seed: int = 0
+    # >0: a second, smaller hypernetwork writes each prompt's background (ScaleDreamer); 0: one shared
+    background_hyper_dim: int = Field(0, ge=0)
 
     @field_validator("channels")
     @classmethod

@@ -26,6 +26,8 @@ class HyperINGPConfig(DensityConfig):
     encoding: HashGridConfig = HashGridConfig()
     hidden_dim: int = Field(64, ge=1)  # the generated MLPs' width
     hyper_hidden_dim: int = Field(64, ge=1)  # the hypernetwork's width
+    # >0: a second, smaller hypernetwork writes each prompt's background (ScaleDreamer); 0: one shared
+    background_hyper_dim: int = Field(0, ge=0)
 
 
 class HyperINGP(Generator):
