@@ -106,6 +106,11 @@ class AmortizedConfig(ConfigBase):
     def _usable(self) -> AmortizedConfig:
         if self.resolution % 2:
             raise ValueError(f"resolution must be even (got {self.resolution}); e.g. resolution=64")
+        if self.generator.background_hyper_dim and self.background.kind != "env_map":
+            raise ValueError(
+                "generator.background_hyper_dim > 0 writes an environment map per prompt: it needs "
+                f"background.kind=env_map (got {self.background.kind!r}), or set it to 0"
+            )
         if self.renderer.estimator == "occgrid":
             raise ValueError(
                 "renderer.estimator='occgrid' keeps one occupancy grid per field; a generator draws a "
