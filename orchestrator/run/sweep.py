@@ -16,7 +16,7 @@ from typing import Any
 
 from mlflow.tracking import MlflowClient
 
-from orchestrator.run.cluster import init_ray, load_cluster
+from orchestrator.run.cluster import ClusterConfig, check_ray_fits, init_ray, load_cluster
 from orchestrator.run.trainable import SweepContext
 from orchestrator.run.tuner import build_tuner, can_restore, experiment_path, optuna_storage, restore_tuner
 from orchestrator.run.workspace import SweepRecord, Workspace
@@ -106,12 +106,15 @@ def make_context(spec: SweepSpec, record: SweepRecord, prompts: list[str]) -> Sw
     return dataclasses.replace(context, **record.extra)
 
 
-def connect(spec: SweepSpec, address: str | None) -> None:
-    """Start or join the sweep's Ray cluster (`address` overrides the spec's cluster)."""
+def connect(spec: SweepSpec, address: str | None) -> ClusterConfig:
+    """Start or join the sweep's Ray cluster (`address` overrides the spec's cluster), and refuse a
+    trial that none of its nodes can hold (Tune would leave it pending forever)."""
     cluster = load_cluster(spec.cluster)
     if address is not None:
         cluster = cluster.model_copy(update={"address": address})
     init_ray(cluster)
+    check_ray_fits(spec.resources.cpus, spec.resources.gpus, cluster)
+    return cluster
 
 
 def _run(
