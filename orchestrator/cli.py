@@ -126,22 +126,34 @@ def cmd_train(args) -> int:
     return 0
 
 
+def _runtime(args):
+    import json
+
+    return json.loads(Path(args.runtime).read_text()) if args.runtime else None
+
+
 def cmd_submit(args) -> int:
     address = _cluster(args)
     if address is not None:
         from orchestrator.run.jobs import submit_job
 
         name, job = submit_job(
-            args.spec, address, name=args.name, workspace=args.workspace, resume_existing=args.resume
+            args.spec,
+            address,
+            name=args.name,
+            workspace=args.workspace,
+            resume_existing=args.resume,
+            runtime=_runtime(args),
         )
         return _print_job(job, name, address)
-    import json
-
     from orchestrator.run.sweep import submit
 
-    runtime = json.loads(Path(args.runtime).read_text()) if args.runtime else None
     outcome = submit(
-        args.spec, name=args.name, workspace=args.workspace, resume_existing=args.resume, runtime=runtime
+        args.spec,
+        name=args.name,
+        workspace=args.workspace,
+        resume_existing=args.resume,
+        runtime=_runtime(args),
     )
     return _print_outcome(outcome)
 

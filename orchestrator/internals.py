@@ -11,7 +11,7 @@ from collections.abc import Callable
 
 from ray.train._internal.session import _TrainingResult as TrainingResult
 
-__all__ = ["TrainingResult", "PRIVATE_DETAILS", "ray_package_limit_bytes", "check_all"]
+__all__ = ["TrainingResult", "PRIVATE_DETAILS", "ray_package_limit_bytes", "ray_cluster_schema", "check_all"]
 
 
 def ray_package_limit_bytes() -> int:
@@ -20,6 +20,17 @@ def ray_package_limit_bytes() -> int:
     from ray._private.runtime_env.packaging import GCS_STORAGE_MAX_SIZE
 
     return int(GCS_STORAGE_MAX_SIZE)
+
+
+def ray_cluster_schema() -> dict:
+    """The JSON schema Ray's cluster launcher validates `ray up` configs with (a file inside Ray's
+    package, not a public API); tests/test_clusters.py checks clusters/*.yaml against it."""
+    import json
+    from pathlib import Path
+
+    import ray.autoscaler
+
+    return json.loads((Path(ray.autoscaler.__file__).parent / "ray-schema.json").read_text())
 
 
 def _training_result() -> None:
@@ -81,6 +92,12 @@ def _package_limit() -> None:
     assert ray_package_limit_bytes() > 2**20, "ray._private.runtime_env.packaging.GCS_STORAGE_MAX_SIZE"
 
 
+def _cluster_schema() -> None:
+    schema = ray_cluster_schema()
+    assert {"cluster_name", "provider"} <= set(schema["required"]), "ray-schema.json required keys"
+    assert "available_node_types" in schema["properties"], "ray-schema.json available_node_types"
+
+
 PRIVATE_DETAILS: dict[str, Callable[[], None]] = {
     "ray.train._internal.session._TrainingResult(checkpoint, metrics)": _training_result,
     "ray.train._internal.checkpoint_manager._CheckpointManager._checkpoint_results": _checkpoint_manager,
@@ -88,6 +105,7 @@ PRIVATE_DETAILS: dict[str, Callable[[], None]] = {
     "SearchGenerator._counter, ConcurrencyLimiter.live_trials / num_unfinished_live_trials": _search_generator,
     "optuna.Study._storage.get_trial_id_from_study_id_trial_number": _optuna_storage,
     "ray._private.runtime_env.packaging.GCS_STORAGE_MAX_SIZE": _package_limit,
+    "ray/autoscaler/ray-schema.json": _cluster_schema,
 }
 
 

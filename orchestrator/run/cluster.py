@@ -44,7 +44,7 @@ def load_cluster(source: str | Path | dict[str, Any] | None) -> ClusterConfig:
         return build_config(ClusterConfig, source, where="cluster")
     path = Path(source)
     if not path.suffix and not path.is_file():  # a name: one of the project's clusters/*.yaml
-        path = Path(__file__).resolve().parents[1] / "clusters" / f"{source}.yaml"
+        path = Path(__file__).resolve().parents[2] / "clusters" / f"{source}.yaml"
     if not path.is_file():
         raise ConfigError(f"cluster: {str(path)!r} does not exist (a clusters/*.yaml file or a mapping)")
     return build_config(ClusterConfig, load_yaml(path), where=str(path))

@@ -17,7 +17,6 @@ import socket
 import subprocess
 import sys
 import tempfile
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -51,7 +50,10 @@ class Node:
 
     def processes(self) -> list[psutil.Process]:
         """The raylet, its agents and its workers: every process that names this node's manager port."""
-        marks = (f"--node_manager_port={self.node_manager_port}", f"--node-manager-port={self.node_manager_port}")
+        marks = (
+            f"--node_manager_port={self.node_manager_port}",
+            f"--node-manager-port={self.node_manager_port}",
+        )
         found = []
         for proc in psutil.process_iter(["cmdline"]):
             cmdline = " ".join(proc.info["cmdline"] or [])
@@ -88,7 +90,9 @@ class LocalCluster:
 
     def _ray(self, args: list[str], env: dict[str, str]) -> None:
         ray = Path(sys.executable).with_name("ray")
-        proc = subprocess.run([str(ray), "start", *args], env=env, capture_output=True, text=True, timeout=120)
+        proc = subprocess.run(
+            [str(ray), "start", *args], env=env, capture_output=True, text=True, timeout=120
+        )
         if proc.returncode != 0:
             raise RuntimeError(f"ray start {' '.join(args)} failed:\n{proc.stdout}\n{proc.stderr}")
 
@@ -106,7 +110,7 @@ class LocalCluster:
             "max-worker-port": b + 19,
         }
 
-    def start(self, workers: int, worker_args: list[str] | None = None, env: dict[str, str] | None = None) -> None:
+    def start(self, workers: int, env: dict[str, str] | None = None) -> None:
         env = {**os.environ, **(env or {}), "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled"}
         env.pop("RAY_ADDRESS", None)
         busy = [p for p in range(self.base_port, self.base_port + 20 * (workers + 1)) if not free(p)]
@@ -136,8 +140,11 @@ class LocalCluster:
                 [
                     f"--address={self.gcs_address}",
                     "--num-gpus=1",
+                    # A temp dir per node, as separate machines have: nodes sharing one would share
+                    # its runtime_resources, and a node unpacking a job's working_dir again would
+                    # replace the folder the driver on the head runs in.
+                    f"--temp-dir={self.temp_dir / f'w{i}'}",
                     *common,
-                    *(worker_args or []),
                     *(f"--{k}={v}" for k, v in ports.items()),
                 ],
                 env,
@@ -160,7 +167,8 @@ class LocalCluster:
             except psutil.NoSuchProcess:
                 pass
         psutil.wait_procs(procs, timeout=10)
-        shutil.rmtree(self.temp_dir, ignore_errors=True)
+        if os.environ.get("DREAMSWEEP_KEEP_CLUSTER_LOGS") != "1":  # 1: keep the nodes' logs to read
+            shutil.rmtree(self.temp_dir, ignore_errors=True)
 
 
 def new_cluster(base_port: int) -> LocalCluster:
