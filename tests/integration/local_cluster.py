@@ -96,6 +96,21 @@ class LocalCluster:
         if proc.returncode != 0:
             raise RuntimeError(f"ray start {' '.join(args)} failed:\n{proc.stdout}\n{proc.stderr}")
 
+    def marker(self, index: int) -> str:
+        return f"test_node_w{index}"
+
+    def worker_node_ids(self) -> dict[str, Node]:
+        """Ray node id -> worker Node, from the head's state API."""
+        from ray.util.state import list_nodes
+
+        by_marker = {self.marker(i + 1): node for i, node in enumerate(self.workers)}
+        found = {}
+        for state in list_nodes(address=self.dashboard_url, detail=True):
+            for key in state.resources_total or {}:
+                if key in by_marker:
+                    found[state.node_id] = by_marker[key]
+        return found
+
     def _node_ports(self, index: int) -> dict[str, int]:
         # 20 ports per node from the base: index 0 the head.
         b = self.base_port + 20 * index
@@ -144,6 +159,8 @@ class LocalCluster:
                     # its runtime_resources, and a node unpacking a job's working_dir again would
                     # replace the folder the driver on the head runs in.
                     f"--temp-dir={self.temp_dir / f'w{i}'}",
+                    # A resource named after the node, so that tests can tell its Ray node id.
+                    f'--resources={{"{self.marker(i)}": 1}}',
                     *common,
                     *(f"--{k}={v}" for k, v in ports.items()),
                 ],
