@@ -177,6 +177,11 @@ def cmd_resume(args) -> int:
 
 
 def _print_outcome(outcome) -> int:
+    if outcome.stopped:
+        print(
+            f"sweep {outcome.name}: stopped with trials left; `dreamsweep resume {outcome.name}` continues it"
+        )
+        return 130
     best = (
         f"best trial {outcome.best_trial}: {outcome.best_value:.6g}"
         if outcome.best_trial is not None

@@ -40,6 +40,8 @@ class SweepOutcome:
     best_value: float | None
     # Seconds per phase of this call, driver side: "setup" (spec to Tuner), "fit" (Tune), "finalize".
     timings: dict[str, float] = dataclasses.field(default_factory=dict)
+    # Tune returned with trials left to run: SIGINT (Ctrl-C, `dreamsweep stop`). `resume` continues it.
+    stopped: bool = False
 
 
 def submit(
@@ -166,6 +168,14 @@ def finalize(spec: SweepSpec, record: SweepRecord) -> SweepOutcome:
     from ray.tune import ExperimentAnalysis
 
     analysis = ExperimentAnalysis(experiment_path(record.stores.tune_path, spec.name))
+    expected = spec.trials if spec.kind == "search" else load_prompts(spec.prompts).num_rows
+    unfinished = [t for t in analysis.trials if t.status not in ("TERMINATED", "ERROR")]
+    if unfinished or len(analysis.trials) < expected:
+        # Interrupted (Tune saved its state and returned): the stores stay as they are, with the
+        # running trials still RUNNING, so that `resume` continues them into the same Optuna trials
+        # and MLflow runs. Finalising now would FAIL trials that the resumed sweep then completes.
+        done = sum(1 for t in analysis.trials if t.status == "TERMINATED")
+        return SweepOutcome(spec.name, done, 0, None, None, stopped=True)
     final_status = {
         t.trial_id: (
             "FINISHED" if t.status == "TERMINATED" else "FAILED" if t.status == "ERROR" else "KILLED"

@@ -126,7 +126,14 @@ class LocalCluster:
         }
 
     def start(self, workers: int, env: dict[str, str] | None = None) -> None:
-        env = {**os.environ, **(env or {}), "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled"}
+        env = {
+            **os.environ,
+            # The head's workspace (the registry of the sweeps its jobs ran), inside this cluster's folder.
+            "DREAMSWEEP_WORKSPACE": str(self.temp_dir / "head-workspace"),
+            **(env or {}),
+            "RAY_USAGE_STATS_ENABLED": "0",
+            "RAY_AUTH_MODE": "disabled",
+        }
         env.pop("RAY_ADDRESS", None)
         busy = [p for p in range(self.base_port, self.base_port + 20 * (workers + 1)) if not free(p)]
         if busy:
