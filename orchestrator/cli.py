@@ -2,12 +2,17 @@
 
 dreamsweep train CONFIG [key=value ...] [--resume DIR]      per-prompt, or amortized (`trainer: amortized`)
 dreamsweep generate RUN_DIR "a prompt" [--output FILE]     an amortized run's turntable for any prompt
-dreamsweep submit SPEC [--name NAME] [--workspace DIR] [--resume]
-dreamsweep resume NAME
-dreamsweep status NAME
+dreamsweep submit SPEC [--name NAME] [--workspace DIR] [--resume] [--address URL]
+dreamsweep resume NAME [--address URL]
+dreamsweep status NAME [--address URL]
+dreamsweep logs NAME [--follow] --address URL
+dreamsweep stop NAME --address URL
 dreamsweep compare NAME [--top K] [--format table|csv|json]
 dreamsweep best NAME [--output FILE]
-dreamsweep list
+dreamsweep list [--address URL]
+
+--address http://HEAD:8265 (or $DREAMSWEEP_ADDRESS, or an http $RAY_ADDRESS) runs the sweep on that
+Ray cluster as a Ray Job (orchestrator.run.jobs); without one everything runs on this machine.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from pathlib import Path
 from trainers.config_base import ConfigError
 
 STATUS_COLUMNS = ["trial", "state", "params", "step", "objective", "elapsed_s"]
+JOB_COLUMNS = ["sweep", "job", "action", "status", "started", "ended", "message"]
 COMPARE_COLUMNS = ["trial", "run_id", "state", "params", "objective", "prompts"]
 
 
@@ -27,6 +33,16 @@ def _workspace_arg(parser: argparse.ArgumentParser) -> None:
         "--workspace",
         default=None,
         help="where the stores live (default: $DREAMSWEEP_WORKSPACE, else ./dreamsweep-workspace)",
+    )
+
+
+def _address_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--address",
+        default=None,
+        metavar="URL",
+        help="a Ray cluster's Jobs address, http://HEAD:8265 (default: $DREAMSWEEP_ADDRESS, "
+        "else $RAY_ADDRESS if it is http(s); none: this machine)",
     )
 
 
@@ -59,18 +75,30 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="continue the sweep if the name exists (with the spec it was submitted with)",
     )
-    # `--address` (join a running Ray cluster) arrives with the clusters issue; SweepSpec.cluster and
-    # orchestrator.run.cluster.ClusterConfig.address already take it.
+    # SweepContext overrides as a JSON file (the integration tests' fake trainer on a cluster).
+    p.add_argument("--runtime", default=None, help=argparse.SUPPRESS)
     _workspace_arg(p)
+    _address_arg(p)
 
     p = sub.add_parser("resume", help="continue a sweep after a kill, a crash or Ctrl-C")
     p.add_argument("name")
     _workspace_arg(p)
+    _address_arg(p)
 
-    p = sub.add_parser("status", help="a table of a sweep's trials (Tune's view)")
+    p = sub.add_parser("status", help="a table of a sweep's trials (Tune's view), or its jobs on a cluster")
     p.add_argument("name")
     p.add_argument("--format", choices=("table", "csv", "json"), default="table")
     _workspace_arg(p)
+    _address_arg(p)
+
+    p = sub.add_parser("logs", help="the driver log of a sweep's latest job on a cluster")
+    p.add_argument("name")
+    p.add_argument("--follow", action="store_true", help="keep printing until the job ends")
+    _address_arg(p)
+
+    p = sub.add_parser("stop", help="stop a sweep's running job on a cluster (resume continues it)")
+    p.add_argument("name")
+    _address_arg(p)
 
     p = sub.add_parser("compare", help="a sweep's trials from MLflow, best first")
     p.add_argument("name")
@@ -83,9 +111,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", default=None, metavar="FILE", help="write it here instead of stdout")
     _workspace_arg(p)
 
-    p = sub.add_parser("list", help="the sweeps in the workspace")
+    p = sub.add_parser("list", help="the sweeps in the workspace, or those a cluster ran")
+    p.add_argument("--format", choices=("table", "csv", "json"), default="table")
     _workspace_arg(p)
+    _address_arg(p)
     return parser
+
+
+def _cluster(args) -> str | None:
+    from orchestrator.run.jobs import resolve_address
+
+    return resolve_address(getattr(args, "address", None))
 
 
 def cmd_train(args) -> int:
@@ -140,20 +176,62 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def _runtime(args):
+    import json
+
+    return json.loads(Path(args.runtime).read_text()) if args.runtime else None
+
+
 def cmd_submit(args) -> int:
+    address = _cluster(args)
+    if address is not None:
+        from orchestrator.run.jobs import submit_job
+
+        name, job = submit_job(
+            args.spec,
+            address,
+            name=args.name,
+            workspace=args.workspace,
+            resume_existing=args.resume,
+            runtime=_runtime(args),
+        )
+        return _print_job(job, name, address)
     from orchestrator.run.sweep import submit
 
-    outcome = submit(args.spec, name=args.name, workspace=args.workspace, resume_existing=args.resume)
+    outcome = submit(
+        args.spec,
+        name=args.name,
+        workspace=args.workspace,
+        resume_existing=args.resume,
+        runtime=_runtime(args),
+    )
     return _print_outcome(outcome)
 
 
+def _print_job(job: str, name: str, address: str) -> int:
+    print(f"submitted sweep {name} to {address} as job {job}; it runs on the cluster (you may disconnect)")
+    print(f"follow it: dreamsweep logs {name} --follow --address {address}")
+    print(f"its jobs:  dreamsweep status {name} --address {address}   (stop: dreamsweep stop {name} ...)")
+    return 0
+
+
 def cmd_resume(args) -> int:
+    address = _cluster(args)
+    if address is not None:
+        from orchestrator.run.jobs import resume_job
+
+        return _print_job(resume_job(args.name, address), args.name, address)
     from orchestrator.run.sweep import resume
 
     return _print_outcome(resume(args.name, workspace=args.workspace))
 
 
 def _print_outcome(outcome) -> int:
+    if outcome.stopped:
+        print(
+            f"sweep {outcome.name}: stopped with trials left; `dreamsweep resume {outcome.name}` continues it"
+        )
+        return 130
     best = (
         f"best trial {outcome.best_trial}: {outcome.best_value:.6g}"
         if outcome.best_trial is not None
@@ -165,6 +243,13 @@ def _print_outcome(outcome) -> int:
 
 
 def cmd_status(args) -> int:
+    address = _cluster(args)
+    if address is not None:
+        from orchestrator.run.jobs import job_table
+        from orchestrator.track.report import format_rows
+
+        print(format_rows(job_table(args.name, address), JOB_COLUMNS, args.format))
+        return 0
     from orchestrator.run.workspace import Workspace
     from orchestrator.track.report import format_rows, status
 
@@ -195,7 +280,50 @@ def cmd_best(args) -> int:
     return 0
 
 
+def _needs_address(args) -> str:
+    address = _cluster(args)
+    if address is None:
+        raise LookupError(
+            f"{args.command} works on a sweep running on a cluster: give --address http://HEAD:8265 "
+            "(or set $DREAMSWEEP_ADDRESS); a local sweep stops with Ctrl-C, continues with "
+            "`dreamsweep resume NAME` and prints its log to the console"
+        )
+    return address
+
+
+def cmd_logs(args) -> int:
+    from orchestrator.run.jobs import job_logs
+
+    job = job_logs(args.name, _needs_address(args), follow=args.follow)
+    print(f"\n[job {job.submission_id}: {job.status}]" if not args.follow else "")
+    return 0
+
+
+def cmd_stop(args) -> int:
+    from orchestrator.run.jobs import stop_job
+
+    address = _needs_address(args)
+    job = stop_job(args.name, address)
+    if job is None:
+        print(f"sweep {args.name} has no running job on {address}")
+        return 1
+    print(
+        f"stopping job {job.submission_id}; continue it with: dreamsweep resume {args.name} --address {address}"
+    )
+    return 0
+
+
 def cmd_list(args) -> int:
+    address = _cluster(args)
+    if address is not None:
+        from orchestrator.run.jobs import list_table
+        from orchestrator.track.report import format_rows
+
+        rows = list_table(address)
+        print(
+            format_rows(rows, [*JOB_COLUMNS, "jobs"], args.format) if rows else f"no sweeps ran on {address}"
+        )
+        return 0
     from orchestrator.run.workspace import Workspace
 
     workspace = Workspace(args.workspace)
@@ -213,6 +341,8 @@ COMMANDS = {
     "compare": cmd_compare,
     "best": cmd_best,
     "list": cmd_list,
+    "logs": cmd_logs,
+    "stop": cmd_stop,
 }
 
 
@@ -227,12 +357,20 @@ def quiet_libraries() -> None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     quiet_libraries()
+    from orchestrator.run.jobs import ClusterError
     from orchestrator.run.sweep import SweepExistsError
     from orchestrator.run.workspace import UnknownSweepError
 
     try:
         return COMMANDS[args.command](args)
-    except (ConfigError, UnknownSweepError, SweepExistsError, LookupError, FileNotFoundError) as exc:
+    except (
+        ConfigError,
+        UnknownSweepError,
+        SweepExistsError,
+        LookupError,
+        FileNotFoundError,
+        ClusterError,
+    ) as exc:
         print(f"dreamsweep {args.command}: error: {exc}", file=sys.stderr)
         return 2
 

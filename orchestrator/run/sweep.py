@@ -16,7 +16,7 @@ from typing import Any
 
 from mlflow.tracking import MlflowClient
 
-from orchestrator.run.cluster import init_ray, load_cluster
+from orchestrator.run.cluster import ClusterConfig, check_ray_fits, init_ray, load_cluster
 from orchestrator.run.trainable import SweepContext
 from orchestrator.run.tuner import build_tuner, can_restore, experiment_path, optuna_storage, restore_tuner
 from orchestrator.run.workspace import SweepRecord, Workspace
@@ -47,6 +47,8 @@ class SweepOutcome:
     best_value: float | None
     # Seconds per phase of this call, driver side: "setup" (spec to Tuner), "fit" (Tune), "finalize".
     timings: dict[str, float] = dataclasses.field(default_factory=dict)
+    # Tune returned with trials left to run: SIGINT (Ctrl-C, `dreamsweep stop`). `resume` continues it.
+    stopped: bool = False
 
 
 def submit(
@@ -115,12 +117,15 @@ def make_context(spec: SweepSpec, record: SweepRecord, prompts: list[str]) -> Sw
     return dataclasses.replace(context, **record.extra)
 
 
-def connect(spec: SweepSpec, address: str | None) -> None:
-    """Start or join the sweep's Ray cluster (`address` overrides the spec's cluster)."""
+def connect(spec: SweepSpec, address: str | None) -> ClusterConfig:
+    """Start or join the sweep's Ray cluster (`address` overrides the spec's cluster), and refuse a
+    trial that none of its nodes can hold (Tune would leave it pending forever)."""
     cluster = load_cluster(spec.cluster)
     if address is not None:
         cluster = cluster.model_copy(update={"address": address})
     init_ray(cluster)
+    check_ray_fits(spec.resources.cpus, spec.resources.gpus, cluster)
+    return cluster
 
 
 def _run(
@@ -171,6 +176,14 @@ def finalize(spec: SweepSpec, record: SweepRecord) -> SweepOutcome:
     from ray.tune import ExperimentAnalysis
 
     analysis = ExperimentAnalysis(experiment_path(record.stores.tune_path, spec.name))
+    expected = spec.trials if spec.kind == "search" else load_prompts(spec.prompts).num_rows
+    unfinished = [t for t in analysis.trials if t.status not in ("TERMINATED", "ERROR")]
+    if unfinished or len(analysis.trials) < expected:
+        # Interrupted (Tune saved its state and returned): the stores stay as they are, with the
+        # running trials still RUNNING, so that `resume` continues them into the same Optuna trials
+        # and MLflow runs. Finalising now would FAIL trials that the resumed sweep then completes.
+        done = sum(1 for t in analysis.trials if t.status == "TERMINATED")
+        return SweepOutcome(spec.name, done, 0, None, None, stopped=True)
     final_status = {
         t.trial_id: (
             "FINISHED" if t.status == "TERMINATED" else "FAILED" if t.status == "ERROR" else "KILLED"

@@ -40,6 +40,7 @@ from orchestrator.track import tracking
 OPTUNA_TRIAL_KEY = "_optuna_trial"  # injected into each trial's config by orchestrator.run.tuner.SweepSearch
 PANEL_FILE = "dreamsweep_panel.json"
 OBJECTIVE, STEP = "objective", "step"
+TAG_NODES = "dreamsweep.ray_nodes"
 
 # Per worker process: prior config -> loaded prior, and how many loads this process has made.
 _PRIOR_CACHE: dict[str, Any] = {}
@@ -192,6 +193,11 @@ def run_trial(config: dict[str, Any], context: SweepContext) -> None:
     if len(panel) > 1:
         first["prompt"] = json.dumps(identity.prompts)  # a panel trial: every prompt, not the first
     run = tracking.TrialRun.open(client, identity, first, found=found)
+    # Where each attempt ran (a retry after a lost node runs elsewhere): node ids, in order.
+    earlier = found.data.tags.get(TAG_NODES, "") if found is not None else ""
+    run.set_tags(
+        {TAG_NODES: ",".join([*filter(None, earlier.split(",")), ray.get_runtime_context().get_node_id()])}
+    )
     train_fn = import_function(context.train_fn)
     prior = cached_prior(context, configs[0])
     worker["worker/prior_loads"] = PRIOR_LOADS["count"]

@@ -36,11 +36,12 @@ import optuna
 import pyarrow.fs
 from optuna.trial import TrialState
 from ray import tune
-from ray.train._internal.session import _TrainingResult
 from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search import ConcurrencyLimiter, SearchGenerator
 from ray.tune.search.optuna import OptunaSearch
 
+from orchestrator.internals import TrainingResult
+from orchestrator.run.stores import engine_kwargs
 from orchestrator.run.trainable import (
     OBJECTIVE,
     OPTUNA_TRIAL_KEY,
@@ -69,9 +70,7 @@ def _quiet_ray() -> None:
 
 
 def optuna_storage(url: str) -> optuna.storages.BaseStorage:
-    # SQLite needs a busy timeout: the driver and `dreamsweep status` may touch it at once.
-    kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {}
-    return optuna.storages.RDBStorage(url, engine_kwargs=kwargs)
+    return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs(url))
 
 
 class SweepSearch(OptunaSearch):
@@ -222,7 +221,7 @@ def continue_from_surviving_checkpoints(trials: list) -> dict[str, str]:
             r for r in manager._checkpoint_results if _exists(r.checkpoint.filesystem, r.checkpoint.path)
         ]
         manager.register_checkpoint(
-            _TrainingResult(checkpoint=tune.Checkpoint(surviving, filesystem=fs), metrics=latest.metrics)
+            TrainingResult(checkpoint=tune.Checkpoint(surviving, filesystem=fs), metrics=latest.metrics)
         )
         changed[trial.trial_id] = surviving
     return changed

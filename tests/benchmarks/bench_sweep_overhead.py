@@ -18,6 +18,12 @@ runs with metrics and artifacts, the final plots), then prints side by side:
   the time inside a trial but outside the trainer (the first one loads the prior), the idle tail,
   and the driver's finalisation.
 
+Then, in the same run and on the same Ray instance, the same trials through plain Ray Tune: a function
+trainable that builds the same trainer config and loads its prior, OptunaSearch on a SQLite study,
+MLflowLoggerCallback (results and the trial folder as artifacts), checkpoints reported to Tune; its
+figures are printed beside dreamsweep's (`--no-baseline` skips it). It runs second, so its driver
+finds the libraries already imported; its workers are new processes like dreamsweep's.
+
 The real trainer runs tiny-sd at 32x32 with `--steps` steps per trial (the default aims at ~10 s on an
 idle 2-core CPU; the printed mean trial time says what it was). `--trainer fake` replaces training by
 a busy loop of known length, which isolates the orchestration cost.
@@ -44,6 +50,7 @@ def main() -> None:
     parser.add_argument("--trainer", choices=("real", "fake"), default="real")
     parser.add_argument("--steps", type=int, default=115, help="steps per trial (real trainer)")
     parser.add_argument("--trial-seconds", type=float, default=10.0, help="seconds per trial (fake trainer)")
+    parser.add_argument("--no-baseline", action="store_true", help="skip the plain Ray Tune baseline")
     args = parser.parse_args()
 
     fake_steps = 20
@@ -107,33 +114,163 @@ def main() -> None:
 
         analysis = ExperimentAnalysis(f"{workspace.record('overhead').stores.tune_path}/overhead")
         results = [t.last_result for t in analysis.trials]
-        compute = [r.get("trial/compute_s", 0.0) for r in results]
-        loads: dict[int, int] = defaultdict(int)
-        for result in results:
-            pid = result["worker/pid"]
-            loads[pid] = max(loads[pid], result["worker/prior_loads"])
+        ours = Figures("dreamsweep", outcome.complete, wall_s, started_at, outcome.timings, results)
+        baseline = None
+        if not args.no_baseline:
+            baseline = run_baseline(spec, args, runtime, root)
     ray.shutdown()
 
-    ideal_s = sum(compute) / args.workers
     print(f"\nsweep of {args.trials} trials on {args.workers} workers, trainer={args.trainer}")
-    print(f"  trials complete           {outcome.complete}/{args.trials}")
-    print(f"  mean trial compute        {statistics.fmean(compute):8.2f} s")
-    print(f"  ideal (compute/workers)   {ideal_s:8.2f} s")
-    print(f"  wall (submit -> done)     {wall_s:8.2f} s")
-    print(
-        f"  overhead (wall/ideal - 1) {100 * (wall_s / ideal_s - 1):8.1f} %   target <= 10 % for 10 s trials"
-    )
     print(f"  ray.init (not counted)    {ray_start_s:8.2f} s")
     print(f"  new workspace's databases {stores_s:8.2f} s   (not counted: once per workspace)")
-    print(
-        f"  prior loads               {sum(loads.values()):8d}     over {len(loads)} worker processes (target = {args.workers})"
-    )
-    print_breakdown(outcome.timings, started_at, results, args.workers)
+    columns = [ours] + ([baseline] if baseline else [])
+    print_side_by_side(columns, args.workers, args.trials)
+    if baseline:
+        a, b = ours.overhead_s(args.workers), baseline.overhead_s(args.workers)
+        print(
+            f"  dreamsweep's overhead is {100 * a / b:.0f} % of the plain baseline's "
+            f"({a:.2f} s vs {b:.2f} s; target <= 50 %)"
+        )
     if os.environ.get("BENCH_DUMP"):
         with open(os.environ["BENCH_DUMP"], "w") as f:
-            json.dump(
-                {"timings": outcome.timings, "started_at": started_at, "results": results}, f, default=str
-            )
+            json.dump({c.label: vars(c) for c in columns}, f, default=str)
+
+
+class Figures:
+    """One sweep's measurements: wall, per-phase timings and each trial's last Tune result."""
+
+    def __init__(self, label, complete, wall_s, started_at, timings, results):
+        self.label, self.complete, self.wall_s = label, complete, wall_s
+        self.started_at, self.timings, self.results = started_at, timings, results
+
+    def compute(self) -> list[float]:
+        return [r.get("trial/compute_s", 0.0) for r in self.results]
+
+    def ideal_s(self, workers: int) -> float:
+        return sum(self.compute()) / workers
+
+    def overhead_s(self, workers: int) -> float:
+        return self.wall_s - self.ideal_s(workers)
+
+    def prior_loads(self) -> tuple[int, int]:
+        loads: dict[int, int] = defaultdict(int)
+        if all("trial/prior_loads" in r for r in self.results):  # the baseline loads one per trial
+            for result in self.results:
+                loads[result["worker/pid"]] += result["trial/prior_loads"]
+            return sum(loads.values()), len(loads)
+        for result in self.results:
+            pid = result["worker/pid"]
+            loads[pid] = max(loads[pid], result["worker/prior_loads"])
+        return sum(loads.values()), len(loads)
+
+
+def print_side_by_side(columns: list[Figures], workers: int, trials: int) -> None:
+    def row(label: str, values: list[str]) -> None:
+        print(f"  {label:<34}" + "".join(f"{v:>14}" for v in values))
+
+    row("", [c.label for c in columns])
+    row("trials complete", [f"{c.complete}/{trials}" for c in columns])
+    row("mean trial compute (s)", [f"{statistics.fmean(c.compute()):.2f}" for c in columns])
+    row("ideal = compute / workers (s)", [f"{c.ideal_s(workers):.2f}" for c in columns])
+    row("wall (s)", [f"{c.wall_s:.2f}" for c in columns])
+    row("overhead = wall/ideal - 1", [f"{100 * (c.wall_s / c.ideal_s(workers) - 1):.1f} %" for c in columns])
+    row("prior loads / worker processes", ["{} / {}".format(*c.prior_loads()) for c in columns])
+    print("  where the overhead went (s):")
+    breakdowns = [breakdown(c.timings, c.started_at, c.results, workers) for c in columns]
+    for i, (label, _) in enumerate(breakdowns[0]):
+        row("  " + label, [f"{b[i][1]:.2f}" for b in breakdowns])
+    print("  target: dreamsweep <= 10 % for 10 s trials, and <= half of the baseline's overhead")
+
+
+def run_baseline(spec: dict, args, runtime: dict, root: str) -> Figures:
+    """The same trials through plain Ray Tune + OptunaSearch + MLflowLoggerCallback."""
+    import optuna
+    from mlflow import MlflowClient
+    from ray import tune
+    from ray.air.integrations.mlflow import MLflowLoggerCallback
+    from ray.tune.search.optuna import OptunaSearch
+
+    mlflow_uri = f"sqlite:///{root}/baseline-mlflow.db"
+    optuna_url = f"sqlite:///{root}/baseline-optuna.db"
+    # Created beforehand, as for dreamsweep (a tracking store and a study storage already exist).
+    MlflowClient(mlflow_uri).search_experiments()
+    storage = optuna.storages.RDBStorage(optuna_url, engine_kwargs={"connect_args": {"timeout": 60}})
+
+    started, started_at = time.perf_counter(), time.time()
+    trainable = tune.with_parameters(
+        baseline_trial, base=spec["base"], prompt=spec["prompts"]["items"][0], runtime=runtime
+    )
+    tuner = tune.Tuner(
+        tune.with_resources(trainable, {"cpu": 1}),
+        param_space={"eta": tune.uniform(0.0, 1.0)},
+        tune_config=tune.TuneConfig(
+            search_alg=OptunaSearch(metric="train/loss", mode="min", storage=storage, study_name="baseline"),
+            num_samples=args.trials,
+            max_concurrent_trials=args.workers,
+        ),
+        run_config=tune.RunConfig(
+            name="baseline",
+            storage_path=f"{root}/baseline_results",
+            callbacks=[
+                MLflowLoggerCallback(tracking_uri=mlflow_uri, experiment_name="baseline", save_artifact=True)
+            ],
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
+            verbose=0,
+        ),
+    )
+    fit_started = time.perf_counter()
+    grid = tuner.fit()
+    fit_ended = time.perf_counter()
+    results = [r.metrics for r in grid]
+    timings = {"setup": fit_started - started, "fit": fit_ended - fit_started, "finalize": 0.0}
+    complete = sum(1 for r in grid if r.error is None)
+    return Figures("plain Tune", complete, fit_ended - started, started_at, timings, results)
+
+
+def baseline_trial(config: dict, base: dict, prompt: str, runtime: dict) -> None:
+    """A plain function trainable: build the config, load the prior, train, report to Tune."""
+    import importlib
+
+    from ray import tune
+
+    from trainers.config import load_train_config
+
+    entered, entered_at = time.perf_counter(), time.time()
+
+    def function(path: str):
+        module, _, name = path.partition(":")
+        return getattr(importlib.import_module(module), name)
+
+    train = function(runtime.get("train_fn", "trainers.per_prompt:train"))
+    load_prior = function(runtime.get("load_prior_fn", "trainers.priors:load_prior"))
+    trial_dir = tune.get_context().get_trial_dir()
+    cfg = load_train_config(
+        base, {"guidance.eta": config["eta"], "prompt": prompt, "output_dir": f"{trial_dir}/out"}
+    )
+    prior = load_prior(cfg.prior, "cpu")
+    latest: dict[str, float] = {}
+
+    def on_metrics(step, metrics):
+        latest.update(metrics)
+
+    def on_checkpoint(step, path):
+        tune.report({**latest, "step": step}, checkpoint=tune.Checkpoint.from_directory(str(path)))
+
+    started = time.perf_counter()
+    result = train(cfg, prior, on_metrics=on_metrics, on_checkpoint=on_checkpoint, progress=False)
+    compute_s = time.perf_counter() - started
+    tune.report(
+        {
+            **result.final_metrics,
+            "step": cfg.max_steps,
+            "trial/compute_s": compute_s,
+            "trial/wall_s": time.perf_counter() - entered,
+            "trial/entered_at": entered_at,
+            "trial/left_at": time.time(),
+            "worker/pid": os.getpid(),
+            "trial/prior_loads": 1,
+        }
+    )
 
 
 def create_stores(workspace, spec: dict) -> None:
@@ -154,7 +291,7 @@ def create_stores(workspace, spec: dict) -> None:
     subprocess.run([sys.executable, "-c", code, str(workspace.root), json.dumps(spec)], check=True)
 
 
-def print_breakdown(timings: dict[str, float], started_at: float, results: list[dict], workers: int) -> None:
+def breakdown(timings: dict[str, float], started_at: float, results: list[dict], workers: int) -> list:
     """Where the overhead went, in seconds of wall time (worker-side parts averaged over the workers):
     wall - ideal = setup + finalize + (start delay + gaps between trials + in-trial extra + idle at end) / W."""
     fit_start = started_at + timings["setup"]
@@ -171,7 +308,7 @@ def print_breakdown(timings: dict[str, float], started_at: float, results: list[
         end_idle += fit_end - trials[-1]["trial/left_at"]
     # A worker that never ran a trial idles for the whole fit.
     start_delay += (workers - len(by_worker)) * timings["fit"]
-    rows = [
+    return [
         ("driver setup (spec -> Tuner.fit)", timings["setup"]),
         ("first trial start (per worker)", start_delay / workers),
         ("between trials (per worker)", gaps / workers),
@@ -179,9 +316,6 @@ def print_breakdown(timings: dict[str, float], started_at: float, results: list[
         ("idle at the end (per worker)", end_idle / workers),
         ("finalize (stores agree, plots)", timings["finalize"]),
     ]
-    print("  where the overhead went:")
-    for label, seconds in rows:
-        print(f"    {label:<34}{seconds:7.2f} s")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,120 @@
+"""Every private Ray and Optuna detail dreamsweep relies on, in one place.
+
+Each one is used because no public API does the job (the reason is at its use). `PRIVATE_DETAILS`
+lists them with a check; tests/test_internals.py runs the checks against the installed versions, so
+an upgrade that renames or removes one fails there, by name, instead of deep inside a sweep.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from ray.train._internal.session import _TrainingResult as TrainingResult
+
+__all__ = ["TrainingResult", "PRIVATE_DETAILS", "ray_package_limit_bytes", "ray_cluster_schema", "check_all"]
+
+
+def ray_package_limit_bytes() -> int:
+    """The largest working_dir Ray uploads to a cluster (its gRPC message limit); public only as an
+    error after the upload was packed."""
+    from ray._private.runtime_env.packaging import GCS_STORAGE_MAX_SIZE
+
+    return int(GCS_STORAGE_MAX_SIZE)
+
+
+def ray_cluster_schema() -> dict:
+    """The JSON schema Ray's cluster launcher validates `ray up` configs with (a file inside Ray's
+    package, not a public API); tests/test_clusters.py checks clusters/*.yaml against it."""
+    import json
+    from pathlib import Path
+
+    import ray.autoscaler
+
+    return json.loads((Path(ray.autoscaler.__file__).parent / "ray-schema.json").read_text())
+
+
+def _training_result() -> None:
+    import inspect
+
+    params = inspect.signature(TrainingResult).parameters
+    assert {"checkpoint", "metrics"} <= set(params), f"_TrainingResult takes {list(params)}"
+
+
+def _checkpoint_manager() -> None:
+    # orchestrator.run.tuner.continue_from_surviving_checkpoints edits a trial's checkpoint list.
+    from ray.train import CheckpointConfig
+    from ray.train._internal.checkpoint_manager import _CheckpointManager
+
+    manager = _CheckpointManager(CheckpointConfig(num_to_keep=2))
+    assert isinstance(manager._checkpoint_results, list), "_CheckpointManager._checkpoint_results"
+    assert callable(manager.register_checkpoint), "_CheckpointManager.register_checkpoint"
+
+
+def _optuna_search() -> None:
+    # orchestrator.run.tuner.SweepSearch reads and replaces OptunaSearch's study and trial map.
+    import optuna
+    from ray.tune.search.optuna import OptunaSearch
+
+    search = OptunaSearch(
+        {"x": optuna.distributions.FloatDistribution(0, 1)}, metric="m", mode="min", storage=None
+    )
+    search.suggest("t0")
+    assert isinstance(search._ot_study, optuna.Study), "OptunaSearch._ot_study"
+    assert isinstance(search._ot_trials.get("t0"), optuna.Trial), "OptunaSearch._ot_trials"
+
+
+def _search_generator() -> None:
+    # orchestrator.run.tuner.SweepSearchGenerator.reconcile sets the trial counter and the limiter's slots.
+    from ray.tune.search import ConcurrencyLimiter, SearchGenerator
+    from ray.tune.search.optuna import OptunaSearch
+
+    generator = SearchGenerator(ConcurrencyLimiter(OptunaSearch(metric="m", mode="min"), max_concurrent=2))
+    assert isinstance(generator._counter, int), "SearchGenerator._counter"
+    limiter = generator.searcher
+    assert isinstance(limiter.live_trials, set), "ConcurrencyLimiter.live_trials"
+    assert isinstance(limiter.num_unfinished_live_trials, int), (
+        "ConcurrencyLimiter.num_unfinished_live_trials"
+    )
+
+
+def _optuna_storage() -> None:
+    # orchestrator.run.tuner.SweepSearch.adopt_live_trials maps a trial number to its storage id.
+    import optuna
+
+    study = optuna.create_study()
+    storage = study._storage
+    study_id = storage.get_study_id_from_name(study.study_name)
+    trial = study.ask()
+    assert storage.get_trial_id_from_study_id_trial_number(study_id, trial.number) == trial._trial_id
+
+
+def _package_limit() -> None:
+    assert ray_package_limit_bytes() > 2**20, "ray._private.runtime_env.packaging.GCS_STORAGE_MAX_SIZE"
+
+
+def _cluster_schema() -> None:
+    schema = ray_cluster_schema()
+    assert {"cluster_name", "provider"} <= set(schema["required"]), "ray-schema.json required keys"
+    assert "available_node_types" in schema["properties"], "ray-schema.json available_node_types"
+
+
+PRIVATE_DETAILS: dict[str, Callable[[], None]] = {
+    "ray.train._internal.session._TrainingResult(checkpoint, metrics)": _training_result,
+    "ray.train._internal.checkpoint_manager._CheckpointManager._checkpoint_results": _checkpoint_manager,
+    "ray.tune.search.optuna.OptunaSearch._ot_study / _ot_trials": _optuna_search,
+    "SearchGenerator._counter, ConcurrencyLimiter.live_trials / num_unfinished_live_trials": _search_generator,
+    "optuna.Study._storage.get_trial_id_from_study_id_trial_number": _optuna_storage,
+    "ray._private.runtime_env.packaging.GCS_STORAGE_MAX_SIZE": _package_limit,
+    "ray/autoscaler/ray-schema.json": _cluster_schema,
+}
+
+
+def check_all() -> dict[str, str]:
+    """Run every check; returns {detail: error} for those that broke (empty: all hold)."""
+    broken = {}
+    for name, check in PRIVATE_DETAILS.items():
+        try:
+            check()
+        except Exception as exc:  # an upgrade can break them in any way: report each by name
+            broken[name] = f"{type(exc).__name__}: {exc}"
+    return broken
