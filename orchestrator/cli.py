@@ -190,10 +190,13 @@ def cmd_report(args) -> int:
     from orchestrator.run.workspace import Workspace
     from orchestrator.track.report import write_report
 
-    page = write_report(
-        args.names, Workspace(args.workspace), top=args.top, output=args.output, force=args.force
-    )
+    workspace = Workspace(args.workspace)
+    page = write_report(args.names, workspace, top=args.top, output=args.output, force=args.force)
     print(f"wrote {page} (also logged to the parent MLflow run of {', '.join(args.names)})")
+    for name in args.names:
+        # MLflow 3.17's UI opens an experiment as a GenAI one (traces) unless "Model training" is picked.
+        experiment = workspace.record(name).experiment_id
+        print(f"in `mlflow ui`: #/experiments/{experiment}?workflowType=machine_learning  ({name}'s runs)")
     return 0
 
 

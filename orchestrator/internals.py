@@ -16,3 +16,16 @@ MLFLOW_TRAINING_EXPERIMENT = "custom_model_development"
 # The run description MLflow's UI shows (and edits) on a run's overview page; documented as a system
 # tag, kept here beside the other MLflow UI tag.
 MLFLOW_RUN_NOTE_TAG = "mlflow.note.content"
+
+
+def mlflow_image_steps(artifact_paths: list[str], key: str) -> list[int]:
+    """The steps of the images MLflow's `log_image(key=..., step=...)` stored, from their file names
+    under `images/` ("<key, '/' as '~'>+step+<step>+timestamp+<ms>+<uuid>.png", plus a compressed
+    .webp copy): what MLflow's UI reads to show a key's images over steps."""
+    prefix = key.replace("/", "~") + "+step+"
+    steps = set()
+    for path in artifact_paths:
+        name = path.rsplit("/", 1)[-1]
+        if name.startswith(prefix) and name.endswith(".png"):
+            steps.add(int(name[len(prefix) :].split("+", 1)[0]))
+    return sorted(steps)

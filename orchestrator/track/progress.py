@@ -106,21 +106,19 @@ class SweepProgress(tune.Callback):
         steps_per_trial: int | None = None,
         progress_file: str | None = None,
         log_every_s: float = 15.0,
+        clock=time.monotonic,
     ):
         self.sweep, self.total, self.mode = sweep, total, mode
         self.mlflow_uri, self.experiment_id, self.parent_run_id = mlflow_uri, experiment_id, parent_run_id
         self.refresh_s = refresh_s
-        self.steps_per_trial, self.progress_file, self.log_every_s = (
-            steps_per_trial,
-            progress_file,
-            log_every_s,
-        )
+        self.steps_per_trial, self.progress_file = steps_per_trial, progress_file
+        self.log_every_s, self.clock = log_every_s, clock
         self._reset()
 
     def _reset(self) -> None:
         self._client = None
         self._executor: ThreadPoolExecutor | None = None
-        self._start = time.monotonic()
+        self._start = self.clock()
         self._last_draw = 0.0
         self._last_line = ""
         self._best: dict[str, Any] | None = None
@@ -137,7 +135,13 @@ class SweepProgress(tune.Callback):
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         # Callbacks pickled by an older dreamsweep lack the newer fields.
-        state = {"steps_per_trial": None, "progress_file": None, "log_every_s": 15.0, **state}
+        state = {
+            "steps_per_trial": None,
+            "progress_file": None,
+            "log_every_s": 15.0,
+            "clock": time.monotonic,
+            **state,
+        }
         self.__dict__.update(state)
         self._reset()
 
@@ -145,7 +149,7 @@ class SweepProgress(tune.Callback):
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
         if isinstance(result.get(STEP), int | float):
-            self._rates.setdefault(trial.trial_id, StepRate()).update(int(result[STEP]), time.monotonic())
+            self._rates.setdefault(trial.trial_id, StepRate()).update(int(result[STEP]), self.clock())
         self._consider(trial, result)
         self._draw(trials)
 
@@ -259,7 +263,7 @@ class SweepProgress(tune.Callback):
         }
 
     def _draw(self, trials, force: bool = False, finished: bool = False) -> None:
-        now = time.monotonic()
+        now = self.clock()
         if not force and now - self._last_draw < self.refresh_s:
             return
         if self._best is None:  # after a restore: trials finished before it still count

@@ -89,7 +89,10 @@ def merge_live(rows: list[dict[str, Any]], live: dict[str, Any] | None) -> list[
 def _status_from_study(name: str, record) -> list[dict[str, Any]]:
     import optuna
 
-    study = optuna.load_study(study_name=name, storage=optuna_storage(record.stores.optuna_url))
+    try:
+        study = optuna.load_study(study_name=name, storage=optuna_storage(record.stores.optuna_url))
+    except KeyError:  # registered, but Ray never started: no trial yet
+        return []
     rows = []
     for t in study.get_trials(deepcopy=False):
         elapsed = (t.datetime_complete - t.datetime_start).total_seconds() if t.datetime_complete else None
@@ -112,6 +115,8 @@ def compare(name: str, workspace: Workspace, top: int | None = None) -> list[dic
 
     record = workspace.record(name)
     spec = workspace.spec(name)
+    if record.experiment_id is None:  # registered, but never started
+        return []
     client = MlflowClient(record.stores.mlflow_uri)
     rows = []
     for run in tracking.trial_runs(client, record.experiment_id):
