@@ -129,7 +129,10 @@ def _print_outcome(outcome) -> int:
         else "no trial finished"
     )
     print(f"sweep {outcome.name}: {outcome.complete} complete, {outcome.failed} failed; {best}")
-    print(f"next: dreamsweep compare {outcome.name}  |  dreamsweep best {outcome.name} --output best.yaml")
+    print(
+        f"next: dreamsweep report {outcome.name}  |  dreamsweep compare {outcome.name}  |  "
+        f"dreamsweep best {outcome.name} --output best.yaml"
+    )
     return 0 if outcome.complete else 1
 
 
