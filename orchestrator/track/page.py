@@ -23,7 +23,7 @@ from collections.abc import Callable
 from typing import Any
 
 from orchestrator.track.progress import format_duration, format_params
-from orchestrator.track.report import Media, SweepReport, TrialView
+from orchestrator.track.report import LIVE_FRESH_S, Media, SweepReport, TrialView
 from orchestrator.track.tracking import import_plotting
 
 CSS = """
@@ -39,7 +39,7 @@ td.num { text-align: right; font-variant-numeric: tabular-nums; }
 td.differs { background: #fff1b8; font-weight: 600; }
 img.render { width: 128px; image-rendering: pixelated; display: block; margin: 0 auto; }
 img.grid { height: 64px; image-rendering: pixelated; }
-.strip { display: flex; gap: 4px; overflow-x: auto; max-width: 300px; }
+.strip { display: flex; flex-wrap: wrap; gap: 4px; max-width: 330px; }
 .strip figure, .fan figure { margin: 0; } figcaption { font-size: 11px; color: #555; text-align: center; }
 .fan { display: flex; flex-wrap: wrap; gap: 10px; } .fan figure { width: 170px; }
 .plots { display: flex; flex-wrap: wrap; gap: 12px; } .plots figure { margin: 0; }
@@ -257,7 +257,7 @@ def _plots_html(plots: dict[str, bytes]) -> str:
 
 def _live_html(rep: SweepReport) -> str:
     live = rep.live
-    if not live or live.get("finished") or live.get("age_s", 1e9) > 60:
+    if not live or live.get("finished") or live.get("age_s", math.inf) > LIVE_FRESH_S:
         return ""
     trials = "; ".join(
         f"trial {t['trial']} step {t['step']}/{t['total'] or '?'} ETA {format_duration(t['eta_s'])}"

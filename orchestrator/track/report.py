@@ -447,10 +447,10 @@ def write_report(
     if comparison is not None:
         from mlflow.tracking import MlflowClient
 
-        kinds = {r.name: r for r in reports}
-        for i, row in enumerate(comparison["top"]):
-            client = MlflowClient(kinds[row["sweep"]].mlflow_uri)
-            joint.append(trial_view(client, row, f"{row['sweep']} #{i + 1}", kinds[row["sweep"]].kind))
+        by_name = {r.name: r for r in reports}
+        for i, row in enumerate(comparison["top"]):  # the joint top-K's renders, side by side
+            sweep = by_name[row["sweep"]]
+            joint.append(trial_view(MlflowClient(sweep.mlflow_uri), row, f"#{i + 1}", sweep.kind))
     html = page.render(reports, top=top, comparison=comparison, joint=joint)
     out.mkdir(parents=True, exist_ok=True)
     index = out / "index.html"
