@@ -8,16 +8,17 @@ import re
 import statistics
 import time
 
+import imageio.v3 as iio
 import mlflow
+import numpy as np
 import pytest
 import ray
 
 from orchestrator import internals
 from orchestrator.cli import main
-from orchestrator.run.fake_trainer import FAIL_ONCE_SEED
 from orchestrator.run.sweep import progress_file, submit
 from orchestrator.run.workspace import SweepRecord, Workspace
-from orchestrator.spec.spec import load_sweep_spec
+from orchestrator.spec.spec import load_sweep_spec, spec_to_dict
 from orchestrator.track import tracking
 from orchestrator.track.progress import StepRate, SweepProgress, format_duration, sweep_eta
 
@@ -46,23 +47,46 @@ def search_spec(name: str, method: str, **extra) -> dict:
 
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory):
-    """Two finished sweeps of the same objective (asd, sds), one whose only trial failed (broken),
-    and one registered with another objective (psnr) that never ran."""
+    """Two finished sweeps of the same objective (asd, sds), one registered with another objective
+    (psnr) that never ran, and one whose only trial is still running (below)."""
     ws = Workspace(tmp_path_factory.mktemp("ws-report"))
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         for method in ("asd", "sds"):
             assert submit(search_spec(method, method), workspace=ws, runtime=FAKE).complete == 3
-        broken = search_spec("broken", "asd", trials=1, retries=0)
-        broken["overrides"]["seed"] = FAIL_ONCE_SEED  # fails after its first checkpoint, no retry
-        assert submit(broken, workspace=ws, runtime=FAKE).complete == 0
     finally:
         ray.shutdown()
     other = load_sweep_spec(
         {**search_spec("psnr", "asd"), "objective": {"metric": "eval/psnr", "mode": "max"}}
     )
     ws.register(other, SweepRecord(other.name, ws.stores_for(other)))
+    start_running_sweep(ws, tmp_path_factory.mktemp("grids"))
     return ws
+
+
+def start_running_sweep(ws: Workspace, tmp) -> None:
+    """A sweep whose one trial is mid-way, as a worker leaves MLflow after its first validation grid."""
+    spec = load_sweep_spec(search_spec("running", "asd", trials=1))
+    stores = ws.stores_for(spec)
+    client = mlflow.MlflowClient(stores.mlflow_uri)
+    experiment = tracking.ensure_experiment(client, spec.name, stores.mlflow_artifacts)
+    parent = tracking.start_parent_run(client, experiment, spec.name, spec_to_dict(spec), {})
+    ws.register(spec, SweepRecord(spec.name, stores, experiment_id=experiment, parent_run_id=parent))
+    identity = tracking.TrialIdentity(
+        "running",
+        experiment,
+        parent,
+        "ray-0",
+        0,
+        ["a red cube", "a blue ball"],
+        {"guidance.eta": 0.5},
+        "c0ffee",
+    )
+    run = tracking.TrialRun.open(client, identity, {})
+    grid = tmp / "step_0000010.png"
+    iio.imwrite(grid, np.full((8, 16, 3), 200, dtype=np.uint8))
+    run.log_artifact(grid, "prompt_000/validation")
+    run.log_metrics(10, {"prompt_000/train/loss": 0.5}, force=True)
 
 
 def finished_objectives(ws: Workspace, name: str) -> list[float]:
@@ -118,7 +142,7 @@ def test_sweeps_with_different_objectives_are_refused_naming_both(workspace, cap
 def test_a_report_of_an_unknown_sweep_lists_the_sweeps_that_exist(workspace, capsys):
     assert main(["report", "nope", "--workspace", str(workspace.root)]) == 2
     assert "no sweep named 'nope'" in (err := capsys.readouterr().err)
-    assert "sweeps there: asd, broken, psnr, sds" in err
+    assert "sweeps there: asd, psnr, running, sds" in err
 
 
 @pytest.mark.parametrize("top", ["0", "-2"])
@@ -152,16 +176,18 @@ def test_an_existing_output_directory_is_refused_unless_forced(workspace, tmp_pa
     assert (out / "index.html").is_file()
 
 
-def test_a_sweep_with_no_finished_trial_says_so_and_still_shows_its_trials(workspace, tmp_path):
-    out = tmp_path / "broken"
-    assert main(["report", "broken", "--workspace", str(workspace.root), "--output", str(out)]) == 0
+def test_a_sweep_with_no_finished_trial_says_so_and_still_shows_what_exists(workspace, tmp_path):
+    out = tmp_path / "running"
+    assert main(["report", "running", "--workspace", str(workspace.root), "--output", str(out)]) == 0
     page = (out / "index.html").read_text()
-    assert "No trial of &#x27;broken&#x27; has finished yet (1 started)" in page
-    run_id = tracking.trial_runs(
-        mlflow.MlflowClient(workspace.record("broken").stores.mlflow_uri),
-        workspace.record("broken").experiment_id,
-    )[0].info.run_id
-    assert run_id in page and "FAILED" in page  # the failed trial is listed all the same
+    assert "No trial of &#x27;running&#x27; has finished yet (1 started)" in page
+    record = workspace.record("running")
+    run_id = tracking.trial_runs(mlflow.MlflowClient(record.stores.mlflow_uri), record.experiment_id)[
+        0
+    ].info.run_id
+    assert run_id in page and "RUNNING" in page  # listed with its state
+    assert ">running<" in page and "step 10" in page  # and its validation grid so far, shown
+    assert "The plots appear once a trial has finished." in page
 
 
 def test_the_report_holds_the_top_k_the_worst_and_the_study_and_goes_to_the_parent_run(workspace, tmp_path):

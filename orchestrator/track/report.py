@@ -393,6 +393,8 @@ def sweep_report(name: str, workspace: Workspace, top: int = 3) -> SweepReport:
     ]
     if len(finished) > top:
         shown.append(trial_view(client, finished[-1], "worst", spec.kind))
+    if not finished:  # nothing to rank yet: what the running trials have rendered so far
+        shown = [trial_view(client, row, "running", spec.kind) for row in running[:top]]
     fanout = []
     if spec.kind == "fanout":  # every prompt's turntable, in the order the prompts were handed out
         by_prompt = sorted(finished, key=lambda r: r["trial"] if r["trial"] is not None else 1 << 30)
