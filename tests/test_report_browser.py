@@ -96,6 +96,7 @@ def sweep(tmp_path_factory):
             "prior.image_size": 16,
             "prior.cache_dir": str(tmp_path_factory.mktemp("reference-cache")),
             "prior.reference.n_views": 6,
+            "camera.fixed_views": 6,  # trains at the prior's own views (sweeps/configs/reference_cpu.yaml)
             "prior.reference.uncond_prompts": ["a blue sphere", "a yellow cone"],
             "renderer.num_samples_per_ray": 16,
             "logging.log_every": 3,
