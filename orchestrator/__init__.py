@@ -14,7 +14,9 @@
     track/   what it leaves behind
       tracking.py   MLflow: parent run, durable trial -> run map (tags), metrics that survive resumes
       progress.py   the live console view and the parent run's best-so-far (a Tune callback)
-      report.py     status / compare / best
+      report.py     status / compare (one sweep or several) / best / the report's data
+      page.py       the report page: self-contained HTML, renders side by side, Optuna's plots
+    internals.py  the private Ray/Optuna/MLflow details relied on (each tested in tests/test_internals.py)
     cli.py   the `dreamsweep` command
 
 Arrows go orchestrator -> trainers only: `trainers/` imports nothing from here.

@@ -7,7 +7,8 @@ dreamsweep resume NAME [--address URL]
 dreamsweep status NAME [--address URL]
 dreamsweep logs NAME [--follow] --address URL
 dreamsweep stop NAME --address URL
-dreamsweep compare NAME [--top K] [--format table|csv|json]
+dreamsweep compare NAME [NAME ...] [--top K] [--format table|csv|json]
+dreamsweep report NAME [NAME ...] [--top K] [--output DIR] [--force]
 dreamsweep best NAME [--output FILE]
 dreamsweep list [--address URL]
 
@@ -23,9 +24,11 @@ from pathlib import Path
 
 from trainers.config_base import ConfigError
 
-STATUS_COLUMNS = ["trial", "state", "params", "step", "objective", "elapsed_s"]
+STATUS_COLUMNS = ["trial", "state", "params", "step", "total", "it_s", "eta", "objective", "elapsed_s"]
 JOB_COLUMNS = ["sweep", "job", "action", "status", "started", "ended", "message"]
 COMPARE_COLUMNS = ["trial", "run_id", "state", "params", "objective", "prompts"]
+SUMMARY_COLUMNS = ["sweep", "objective", "mode", "trials", "finished", "best", "q1", "median", "q3", "worst"]
+JOINT_COLUMNS = ["sweep", *COMPARE_COLUMNS]
 
 
 def _workspace_arg(parser: argparse.ArgumentParser) -> None:
@@ -100,10 +103,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("name")
     _address_arg(p)
 
-    p = sub.add_parser("compare", help="a sweep's trials from MLflow, best first")
-    p.add_argument("name")
+    p = sub.add_parser(
+        "compare",
+        help="a sweep's trials from MLflow, best first; several sweeps: each one's quartiles and a joint top-K",
+    )
+    p.add_argument("names", nargs="+", metavar="NAME")
     p.add_argument("--top", type=int, default=None, metavar="K")
     p.add_argument("--format", choices=("table", "csv", "json"), default="table")
+    _workspace_arg(p)
+
+    p = sub.add_parser(
+        "report",
+        help="one self-contained HTML page: top-K trials' renders side by side, the study's plots "
+        "(several names: compared); also logged to each sweep's parent MLflow run",
+    )
+    p.add_argument("names", nargs="+", metavar="NAME")
+    p.add_argument("--top", type=int, default=3, metavar="K", help="trials side by side (default 3)")
+    p.add_argument(
+        "--output", default=None, metavar="DIR", help="default: <workspace>/sweeps/NAME/report, replaced"
+    )
+    p.add_argument("--force", action="store_true", help="replace --output DIR if it exists")
     _workspace_arg(p)
 
     p = sub.add_parser("best", help="the best trial's config as YAML for `dreamsweep train`")
@@ -238,11 +257,16 @@ def _print_outcome(outcome) -> int:
         else "no trial finished"
     )
     print(f"sweep {outcome.name}: {outcome.complete} complete, {outcome.failed} failed; {best}")
-    print(f"next: dreamsweep compare {outcome.name}  |  dreamsweep best {outcome.name} --output best.yaml")
+    print(
+        f"next: dreamsweep report {outcome.name}  |  dreamsweep compare {outcome.name}  |  "
+        f"dreamsweep best {outcome.name} --output best.yaml"
+    )
     return 0 if outcome.complete else 1
 
 
 def cmd_status(args) -> int:
+    import json
+
     address = _cluster(args)
     if address is not None:
         from orchestrator.run.jobs import job_table
@@ -250,20 +274,68 @@ def cmd_status(args) -> int:
 
         print(format_rows(job_table(args.name, address), JOB_COLUMNS, args.format))
         return 0
-    from orchestrator.run.workspace import Workspace
-    from orchestrator.track.report import format_rows, status
 
-    print(format_rows(status(args.name, Workspace(args.workspace)), STATUS_COLUMNS, args.format))
+    from orchestrator.run.workspace import Workspace
+    from orchestrator.track.progress import format_duration
+    from orchestrator.track.report import LIVE_FRESH_S, format_rows, live_progress, merge_live, status
+
+    workspace = Workspace(args.workspace)
+    rows = status(args.name, workspace)
+    live = live_progress(args.name, workspace)
+    rows = merge_live(rows, live)
+    for row in rows:
+        row["eta"] = format_duration(row["eta_s"]) if row["eta_s"] is not None else None
+    if args.format == "json":
+        print(json.dumps({"live": live, "trials": rows}, indent=2, default=str))
+        return 0
+    if live is not None and not live.get("finished") and args.format == "table":
+        if live["age_s"] <= LIVE_FRESH_S:
+            print(
+                f"sweep {args.name}: running {live['running']}, done {live['done']}/{live['total']}, "
+                f"failed {live['failed']}, ETA {format_duration(live.get('eta_s'))} "
+                f"(live, {live['age_s']:.0f} s ago)"
+            )
+        else:
+            print(
+                f"sweep {args.name}: its driver last reported {live['age_s']:.0f} s ago and may have "
+                f"stopped (dreamsweep resume {args.name} continues it)"
+            )
+    print(format_rows(rows, STATUS_COLUMNS, args.format))
     return 0
 
 
 def cmd_compare(args) -> int:
-    from orchestrator.run.workspace import Workspace
-    from orchestrator.track.report import compare, format_rows
+    import json
 
-    print(
-        format_rows(compare(args.name, Workspace(args.workspace), top=args.top), COMPARE_COLUMNS, args.format)
-    )
+    from orchestrator.run.workspace import Workspace
+    from orchestrator.track.report import compare, compare_sweeps, format_rows, validate_top
+
+    workspace, top = Workspace(args.workspace), validate_top(args.top)
+    if len(args.names) == 1:
+        print(format_rows(compare(args.names[0], workspace, top=top), COMPARE_COLUMNS, args.format))
+        return 0
+    result = compare_sweeps(args.names, workspace, top=top)
+    if args.format == "json":
+        print(json.dumps(result, indent=2, default=str))
+        return 0
+    # table and csv: the per-sweep summary, a blank line, then the joint top-K
+    print(format_rows(result["sweeps"], SUMMARY_COLUMNS, args.format).rstrip("\n"))
+    print()
+    print(format_rows(result["top"], JOINT_COLUMNS, args.format))
+    return 0
+
+
+def cmd_report(args) -> int:
+    from orchestrator.run.workspace import Workspace
+    from orchestrator.track.report import write_report
+
+    workspace = Workspace(args.workspace)
+    page = write_report(args.names, workspace, top=args.top, output=args.output, force=args.force)
+    print(f"wrote {page} (also logged to the parent MLflow run of {', '.join(args.names)})")
+    for name in args.names:
+        # MLflow 3.17's UI opens an experiment as a GenAI one (traces) unless "Model training" is picked.
+        experiment = workspace.record(name).experiment_id
+        print(f"in `mlflow ui`: #/experiments/{experiment}?workflowType=machine_learning  ({name}'s runs)")
     return 0
 
 
@@ -339,6 +411,7 @@ COMMANDS = {
     "resume": cmd_resume,
     "status": cmd_status,
     "compare": cmd_compare,
+    "report": cmd_report,
     "best": cmd_best,
     "list": cmd_list,
     "logs": cmd_logs,
@@ -360,6 +433,7 @@ def main(argv: list[str] | None = None) -> int:
     from orchestrator.run.jobs import ClusterError
     from orchestrator.run.sweep import SweepExistsError
     from orchestrator.run.workspace import UnknownSweepError
+    from orchestrator.track.report import ReportError
 
     try:
         return COMMANDS[args.command](args)
@@ -370,6 +444,7 @@ def main(argv: list[str] | None = None) -> int:
         LookupError,
         FileNotFoundError,
         ClusterError,
+        ReportError,
     ) as exc:
         print(f"dreamsweep {args.command}: error: {exc}", file=sys.stderr)
         return 2

@@ -1,4 +1,4 @@
-"""Every private Ray and Optuna detail dreamsweep relies on, in one place.
+"""Every private Ray, Optuna and MLflow detail dreamsweep relies on, in one place.
 
 Each one is used because no public API does the job (the reason is at its use). `PRIVATE_DETAILS`
 lists them with a check; tests/test_internals.py runs the checks against the installed versions, so
@@ -118,3 +118,32 @@ def check_all() -> dict[str, str]:
         except Exception as exc:  # an upgrade can break them in any way: report each by name
             broken[name] = f"{type(exc).__name__}: {exc}"
     return broken
+
+
+# ---------------------------------------------------------------------------------------------------
+# MLflow's UI (checked in tests/test_internals.py against the installed MLflow)
+
+# MLflow 3's UI reads the experiment tag `mlflow.experimentKind` to pick the page an experiment opens
+# on. With no tag it guesses, and an experiment of nested training runs opened on the GenAI traces
+# overview ("Traces 0", "No data available"). "custom_model_development" opens it on its runs. MLflow
+# has no public Python constant for either (the values live in its web UI's bundle; the UI itself
+# writes the tag when a user picks a kind), hence this module.
+MLFLOW_EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+MLFLOW_TRAINING_EXPERIMENT = "custom_model_development"
+
+# The run description MLflow's UI shows (and edits) on a run's overview page; documented as a system
+# tag, kept here beside the other MLflow UI tag.
+MLFLOW_RUN_NOTE_TAG = "mlflow.note.content"
+
+
+def mlflow_image_steps(artifact_paths: list[str], key: str) -> list[int]:
+    """The steps of the images MLflow's `log_image(key=..., step=...)` stored, from their file names
+    under `images/` ("<key, '/' as '~'>+step+<step>+timestamp+<ms>+<uuid>.png", plus a compressed
+    .webp copy): what MLflow's UI reads to show a key's images over steps."""
+    prefix = key.replace("/", "~") + "+step+"
+    steps = set()
+    for path in artifact_paths:
+        name = path.rsplit("/", 1)[-1]
+        if name.startswith(prefix) and name.endswith(".png"):
+            steps.add(int(name[len(prefix) :].split("+", 1)[0]))
+    return sorted(steps)

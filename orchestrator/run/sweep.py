@@ -83,7 +83,7 @@ def submit(
         spec.name, stores, experiment_id=experiment_id, parent_run_id=parent, extra=dict(runtime or {})
     )
     ws.register(spec, record)
-    return _run(spec, record, restore=False, address=address, started=started)
+    return _run(spec, record, restore=False, address=address, started=started, workspace=ws)
 
 
 def resume(
@@ -94,7 +94,7 @@ def resume(
     record = ws.record(name)  # UnknownSweepError lists the sweeps that exist
     spec = ws.spec(name)
     restore = can_restore(record.stores.tune_path, name)
-    return _run(spec, record, restore=restore, address=address, started=started)
+    return _run(spec, record, restore=restore, address=address, started=started, workspace=ws)
 
 
 def make_context(spec: SweepSpec, record: SweepRecord, prompts: list[str]) -> SweepContext:
@@ -129,7 +129,13 @@ def connect(spec: SweepSpec, address: str | None) -> ClusterConfig:
 
 
 def _run(
-    spec: SweepSpec, record: SweepRecord, *, restore: bool, address: str | None, started: float
+    spec: SweepSpec,
+    record: SweepRecord,
+    *,
+    restore: bool,
+    address: str | None,
+    started: float,
+    workspace: Workspace | None = None,
 ) -> SweepOutcome:
     prompts = [str(p) for p in load_prompts(spec.prompts).column("prompt").to_pylist()]
     context = make_context(spec, record, prompts)
@@ -153,6 +159,8 @@ def _run(
             mlflow_uri=record.stores.mlflow_uri,
             experiment_id=record.experiment_id,
             parent_run_id=record.parent_run_id,
+            steps_per_trial=steps_per_trial,
+            progress_file=str(progress_file(workspace, spec.name)) if workspace else None,
         )
         tuner = build_tuner(
             spec, context, record.stores.tune_path, record.stores.optuna_url, [progress], steps_per_trial
@@ -167,6 +175,11 @@ def _run(
         "finalize": time.perf_counter() - fit_ended,
     }
     return outcome
+
+
+def progress_file(workspace: Workspace, name: str):
+    """The live view the driver writes while the sweep runs (orchestrator.track.progress), for status."""
+    return workspace.sweep_dir(name) / "progress.json"
 
 
 def finalize(spec: SweepSpec, record: SweepRecord) -> SweepOutcome:

@@ -304,10 +304,13 @@ class PromptHooks:
 
     def report(self, step: int, checkpoint_dir: Path | None = None) -> None:
         value = self.objective_now()
-        if value is None:  # the searcher and ASHA need the objective in every result
-            return
-        metrics = {OBJECTIVE: value, STEP: self.offset + step, **self.worker}
-        checkpoint = tune.Checkpoint.from_directory(str(checkpoint_dir)) if checkpoint_dir else None
+        metrics = {STEP: self.offset + step, **self.worker}
+        checkpoint = None
+        if value is not None:
+            metrics[OBJECTIVE] = value
+            checkpoint = tune.Checkpoint.from_directory(str(checkpoint_dir)) if checkpoint_dir else None
+        # else: progress only (the step, for the driver's ETA); the searcher and ASHA skip it, and a
+        # checkpoint goes with the first report that has an objective, as before.
         self.run.flush()  # MLflow never lags behind what Tune has seen
         tune.report(metrics, checkpoint=checkpoint)
         self.last_report = time.monotonic()
@@ -331,6 +334,8 @@ class PromptHooks:
     def on_artifact(self, step: int, path: Path) -> None:
         kind = "validation" if Path(path).parent.name == "validation" else "renders"
         self.run.log_artifact(Path(path), self.folder(kind))
+        if kind == "validation":  # also as an image over steps, for MLflow's own image view
+            self.run.log_image(Path(path), self.folder("validation"), self.offset + step)
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -60,6 +60,9 @@ QUIET_RAY = {
     "TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S": "0",
     # Ray's newer console engine prints its own header and table even at verbose=0.
     "RAY_AIR_NEW_OUTPUT": "0",
+    # A trial reports its step before it has an objective (an eval metric comes at the end of a
+    # prompt), for the console's ETA; SweepSearch and ASHA skip such progress-only results.
+    "TUNE_DISABLE_STRICT_METRIC_CHECKING": "1",
 }
 
 
@@ -99,6 +102,8 @@ class SweepSearch(OptunaSearch):
         return free[0] if free else None
 
     def on_trial_result(self, trial_id: str, result: dict) -> None:
+        if OBJECTIVE not in result:
+            return  # progress only (step and speed, for the ETA): nothing for the study yet
         try:
             super().on_trial_result(trial_id, result)
         except RuntimeError as exc:

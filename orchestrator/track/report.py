@@ -1,9 +1,12 @@
-"""`dreamsweep status / compare / best`: reading a sweep back from its stores.
+"""`dreamsweep status / compare / best / report`: reading sweeps back from their stores.
 
-- status: Tune's view (its experiment state): every trial's state, params, step, objective, elapsed time.
+- status: Tune's view (its experiment state): every trial's state, params, step, objective, elapsed time,
+  and while the sweep runs, the driver's live view (orchestrator.track.progress): it/s and ETAs.
   Before Tune has written any state it falls back to the Optuna study.
 - compare: MLflow's view (the child runs), the one to share: trial number, run id, state, params, objective.
+  Several sweeps: each one's best, quartiles and median of the objective, and a joint top-K.
 - best: the best trial's full trainer config as YAML that `dreamsweep train` accepts as it is.
+- report: what orchestrator.track.page draws: the trials, their renders and the study's plots.
 """
 
 from __future__ import annotations
@@ -12,6 +15,11 @@ import csv
 import io
 import json
 import math
+import statistics
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import yaml
@@ -48,10 +56,43 @@ def status(name: str, workspace: Workspace) -> list[dict[str, Any]]:
     return _status_from_study(name, record)
 
 
+LIVE_FRESH_S = 30.0  # a progress file older than this, of a sweep not finished: its driver stopped
+
+
+def live_progress(name: str, workspace: Workspace) -> dict[str, Any] | None:
+    """The driver's live view of a running sweep (its progress file), with `age_s`; None if none."""
+    from orchestrator.run.sweep import progress_file
+
+    path = progress_file(workspace, name)
+    try:
+        view = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    view["age_s"] = max(0.0, time.time() - float(view.get("updated_at", 0)))
+    return view
+
+
+def merge_live(rows: list[dict[str, Any]], live: dict[str, Any] | None) -> list[dict[str, Any]]:
+    """Each running trial's step out of its total, it/s and ETA from a fresh live view."""
+    fresh = live is not None and not live.get("finished") and live["age_s"] <= LIVE_FRESH_S
+    by_id = {t["ray_trial_id"]: t for t in live["trials"]} if fresh else {}
+    for row in rows:
+        now = by_id.get(row.get("ray_trial_id"))
+        row.setdefault("total", None)
+        row["it_s"] = now["it_s"] if now else None
+        row["eta_s"] = now["eta_s"] if now else None
+        if now:
+            row["step"], row["total"] = now["step"], now["total"]
+    return rows
+
+
 def _status_from_study(name: str, record) -> list[dict[str, Any]]:
     import optuna
 
-    study = optuna.load_study(study_name=name, storage=optuna_storage(record.stores.optuna_url))
+    try:
+        study = optuna.load_study(study_name=name, storage=optuna_storage(record.stores.optuna_url))
+    except KeyError:  # registered, but Ray never started: no trial yet
+        return []
     rows = []
     for t in study.get_trials(deepcopy=False):
         elapsed = (t.datetime_complete - t.datetime_start).total_seconds() if t.datetime_complete else None
@@ -74,6 +115,8 @@ def compare(name: str, workspace: Workspace, top: int | None = None) -> list[dic
 
     record = workspace.record(name)
     spec = workspace.spec(name)
+    if record.experiment_id is None:  # registered, but never started
+        return []
     client = MlflowClient(record.stores.mlflow_uri)
     rows = []
     for run in tracking.trial_runs(client, record.experiment_id):
@@ -136,6 +179,294 @@ def best_config_yaml(name: str, workspace: Workspace) -> str:
         f"# Train it: dreamsweep train THIS_FILE\n"
     )
     return header + yaml.safe_dump(config_to_dict(config), sort_keys=False)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Several sweeps side by side
+
+
+class ReportError(ValueError):
+    """A report or comparison that cannot be made as asked (the message says why and what to do)."""
+
+
+def finished_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [
+        r
+        for r in rows
+        if r["state"] == "FINISHED" and isinstance(r["objective"], float) and math.isfinite(r["objective"])
+    ]
+
+
+def objective_of(name: str, workspace: Workspace) -> dict[str, str]:
+    objective = workspace.spec(name).objective
+    return {"metric": objective.metric, "mode": objective.mode, "aggregate": objective.aggregate}
+
+
+def summarize(name: str, workspace: Workspace, rows: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    """A sweep's objective over its finished trials: best, quartiles, median, worst (None when none)."""
+    objective = objective_of(name, workspace)
+    rows = compare(name, workspace) if rows is None else rows
+    values = [r["objective"] for r in finished_rows(rows)]
+    summary: dict[str, Any] = {
+        "sweep": name,
+        "objective": objective["metric"],
+        "mode": objective["mode"],
+        "trials": len(rows),
+        "finished": len(values),
+    }
+    if not values:
+        return summary | dict.fromkeys(["best", "q1", "median", "q3", "worst"])
+    q1, median, q3 = statistics.quantiles(values, n=4, method="inclusive") if len(values) > 1 else values * 3
+    best, worst = (min(values), max(values)) if objective["mode"] == "min" else (max(values), min(values))
+    return summary | {"best": best, "q1": q1, "median": median, "q3": q3, "worst": worst}
+
+
+def check_same_objective(names: list[str], workspace: Workspace) -> dict[str, str]:
+    """The sweeps' common objective; refuses sweeps whose objectives differ, naming both."""
+    first = objective_of(names[0], workspace)
+    for name in names[1:]:
+        other = objective_of(name, workspace)
+        if other != first:
+            shown = " ".join(f"{k}={v}" for k, v in first.items())
+            theirs = " ".join(f"{k}={v}" for k, v in other.items())
+            raise ReportError(
+                f"sweeps {names[0]!r} and {name!r} have different objectives ({shown} vs {theirs}): "
+                "their numbers cannot be ranked together; compare sweeps of the same objective"
+            )
+    return first
+
+
+def compare_sweeps(names: list[str], workspace: Workspace, top: int | None = None) -> dict[str, Any]:
+    """Each sweep's summary, and the joint top-K of their finished trials (best first)."""
+    if len(set(names)) != len(names):
+        raise ReportError(f"a sweep is named twice in {names}: name each sweep once")
+    for name in names:
+        workspace.require(name)
+    objective = check_same_objective(names, workspace)
+    summaries, joint = [], []
+    for name in names:
+        rows = compare(name, workspace)
+        summaries.append(summarize(name, workspace, rows))
+        joint += [{"sweep": name, **r} for r in finished_rows(rows)]
+    sign = 1 if objective["mode"] == "min" else -1
+    joint.sort(key=lambda r: (sign * r["objective"], names.index(r["sweep"]), r["trial"] or 0))
+    return {"objective": objective, "sweeps": summaries, "top": joint[:top] if top else joint}
+
+
+def validate_top(top: int | None) -> int | None:
+    if top is not None and top < 1:
+        raise ReportError(f"--top must be a positive number of trials (got {top}); e.g. --top 3")
+    return top
+
+
+# ---------------------------------------------------------------------------------------------------
+# The report's data (orchestrator.track.page draws it)
+
+
+@dataclass
+class Media:
+    """An image file's bytes, to embed in the page as a data URI."""
+
+    mime: str
+    data: bytes
+    caption: str = ""
+
+
+@dataclass
+class TrialView:
+    row: dict[str, Any]  # as `compare` gives it
+    role: str  # "best", "#2", ..., "worst", or the prompt for a fan-out grid
+    metrics: dict[str, float] = field(default_factory=dict)  # final metrics per prompt label
+    turntables: list[Media | None] = field(default_factory=list)  # one per prompt of the trial
+    validation: list[list[Media]] = field(default_factory=list)  # per prompt: grids over steps
+
+
+@dataclass
+class SweepReport:
+    name: str
+    kind: str
+    objective: dict[str, str]
+    rows: list[dict[str, Any]]  # every trial, best first
+    summary: dict[str, Any]
+    shown: list[TrialView]  # top-K, then the worst for contrast
+    fanout: list[TrialView]  # a fan-out: every finished prompt
+    study: Any  # the Optuna study (for the plots), None if it cannot be loaded
+    notes: list[str]
+    parent_run_id: str | None
+    mlflow_uri: str
+    live: dict[str, Any] | None = None
+
+
+SHOWN_METRICS = ("eval/", "clip")  # ground-truth and CLIP metrics: what a trial's renders are judged by
+IMAGE_MIME = {".gif": "image/gif", ".png": "image/png", ".jpg": "image/jpeg", ".webp": "image/webp"}
+
+
+def _final_metrics(run, prompts: list[str]) -> dict[str, float]:
+    """The run's last ground-truth/CLIP values, a panel's `prompt_NNN/` prefixes named by their prompt."""
+    shown = {}
+    for key, value in sorted(run.data.metrics.items()):
+        if not any(marker in key for marker in SHOWN_METRICS):
+            continue
+        head, _, rest = key.partition("/")
+        if head.startswith("prompt_") and head[7:].isdigit() and int(head[7:]) < len(prompts):
+            key = f"{rest} · {prompts[int(head[7:])]}"
+        shown[key] = value
+    return dict(sorted(shown.items()))
+
+
+def _artifact_files(client, run_id: str, folder: str) -> list[str]:
+    try:
+        return sorted(a.path for a in client.list_artifacts(run_id, folder) if not a.is_dir)
+    except Exception:  # noqa: BLE001  a run with no such folder (yet): nothing to show
+        return []
+
+
+def _read_artifact(client, run, path: str, caption: str = "") -> Media | None:
+    mime = IMAGE_MIME.get(Path(path).suffix.lower())
+    if mime is None:
+        return None
+    try:
+        root = run.info.artifact_uri
+        if root.startswith("file:"):  # the workspace's own store: read in place, no copy
+            from urllib.parse import unquote, urlparse
+
+            return Media(mime, (Path(unquote(urlparse(root).path)) / path).read_bytes(), caption)
+        with tempfile.TemporaryDirectory() as tmp:
+            return Media(
+                mime, Path(client.download_artifacts(run.info.run_id, path, tmp)).read_bytes(), caption
+            )
+    except Exception:  # noqa: BLE001  listed but not readable (a partial upload): leave it out
+        return None
+
+
+def trial_view(client, row: dict[str, Any], role: str, kind: str) -> TrialView:
+    """A trial's renders from its run's artifacts: per prompt, the turntable and validation grids."""
+    run = client.get_run(row["run_id"])
+    view = TrialView(row=row, role=role, metrics=_final_metrics(run, row["prompts"]))
+    prefixes = [""] if kind == "fanout" or len(row["prompts"]) <= 1 else None
+    if prefixes is None:
+        prefixes = [f"prompt_{i:03d}/" for i in range(len(row["prompts"]))]
+    for prefix in prefixes:
+        turntable = next(
+            (p for p in _artifact_files(client, row["run_id"], prefix + "renders") if "turntable" in p), None
+        )
+        view.turntables.append(_read_artifact(client, run, turntable) if turntable else None)
+        grids = []
+        for path in _artifact_files(client, row["run_id"], prefix + "validation"):
+            step = Path(path).stem.replace("step_", "").lstrip("0") or "0"
+            media = _read_artifact(client, run, path, caption=f"step {step}")
+            if media is not None:
+                grids.append(media)
+        view.validation.append(grids)
+    return view
+
+
+def load_study(name: str, workspace: Workspace):
+    import optuna
+
+    record = workspace.record(name)
+    try:
+        return optuna.load_study(study_name=name, storage=optuna_storage(record.stores.optuna_url))
+    except KeyError:  # registered, but Ray never started: no study yet
+        return None
+
+
+def sweep_report(name: str, workspace: Workspace, top: int = 3) -> SweepReport:
+    """Everything the page shows of one sweep; works on a sweep that is still running."""
+    from mlflow.tracking import MlflowClient
+
+    record, spec = workspace.record(name), workspace.spec(name)
+    client = MlflowClient(record.stores.mlflow_uri)
+    rows = compare(name, workspace)
+    finished = finished_rows(rows)
+    notes = []
+    live = live_progress(name, workspace)
+    running = [r for r in rows if r["state"] == "RUNNING"]
+    if not finished:
+        notes.append(
+            f"No trial of {name!r} has finished yet ({len(rows)} started): the page shows what exists; "
+            f"run `dreamsweep report {name}` again later."
+        )
+    elif running:
+        notes.append(f"{len(running)} trial(s) still running: shown here are the {len(finished)} finished.")
+    shown = [
+        trial_view(client, row, "best" if i == 0 else f"#{i + 1}", spec.kind)
+        for i, row in enumerate(finished[:top])
+    ]
+    if len(finished) > top:
+        shown.append(trial_view(client, finished[-1], "worst", spec.kind))
+    if not finished:  # nothing to rank yet: what the running trials have rendered so far
+        shown = [trial_view(client, row, "running", spec.kind) for row in running[:top]]
+    fanout = []
+    if spec.kind == "fanout":  # every prompt's turntable, in the order the prompts were handed out
+        by_prompt = sorted(finished, key=lambda r: r["trial"] if r["trial"] is not None else 1 << 30)
+        fanout = [trial_view(client, row, row["prompts"][0], spec.kind) for row in by_prompt]
+    return SweepReport(
+        name=name,
+        kind=spec.kind,
+        objective=objective_of(name, workspace),
+        rows=rows,
+        summary=summarize(name, workspace, rows),
+        shown=shown,
+        fanout=fanout,
+        study=load_study(name, workspace),
+        notes=notes,
+        parent_run_id=record.parent_run_id,
+        mlflow_uri=record.stores.mlflow_uri,
+        live=live,
+    )
+
+
+def write_report(
+    names: list[str],
+    workspace: Workspace,
+    *,
+    top: int = 3,
+    output: str | Path | None = None,
+    force: bool = False,
+    log_to_mlflow: bool = True,
+) -> Path:
+    """Write the report page of one sweep (or a comparison of several) and log it to each sweep's
+    parent run. Returns the page's path. `output`: a directory, refused if it exists unless `force`;
+    by default the first sweep's folder in the workspace (sweeps/NAME/report/, replaced each time)."""
+    from orchestrator.track import page
+
+    validate_top(top)
+    for name in names:
+        workspace.require(name)
+    if len(names) > 1:
+        comparison = compare_sweeps(names, workspace, top=top)
+    else:
+        comparison = None
+    if output is not None:
+        out = Path(output)
+        if out.exists() and not force:
+            raise ReportError(f"{out} already exists: choose another --output, or pass --force to replace it")
+    else:
+        out = workspace.sweep_dir(names[0]) / (
+            "report" if len(names) == 1 else "compare-" + "-".join(names[1:])
+        )
+    reports = [sweep_report(name, workspace, top=top) for name in names]
+    joint = []
+    if comparison is not None:
+        from mlflow.tracking import MlflowClient
+
+        by_name = {r.name: r for r in reports}
+        for i, row in enumerate(comparison["top"]):  # the joint top-K's renders, side by side
+            sweep = by_name[row["sweep"]]
+            joint.append(trial_view(MlflowClient(sweep.mlflow_uri), row, f"#{i + 1}", sweep.kind))
+    html = page.render(reports, top=top, comparison=comparison, joint=joint)
+    out.mkdir(parents=True, exist_ok=True)
+    index = out / "index.html"
+    index.write_text(html, encoding="utf-8")
+    if log_to_mlflow:
+        from mlflow.tracking import MlflowClient
+
+        artifact = "report" if comparison is None else "report/compare"
+        for report in reports:
+            if report.parent_run_id:
+                MlflowClient(report.mlflow_uri).log_artifact(report.parent_run_id, str(index), artifact)
+    return index
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -27,6 +27,7 @@ import optuna
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
+from orchestrator import internals
 from trainers.config_base import flatten
 
 TAG_SWEEP = "dreamsweep.sweep"
@@ -63,13 +64,26 @@ def _truncate(text: str, limit: int) -> str:
 
 
 def ensure_experiment(client: MlflowClient, name: str, artifact_location: str | None) -> str:
+    """The sweep's experiment, tagged as model training so that MLflow's UI opens it on its runs."""
     experiment = client.get_experiment_by_name(name)
     if experiment is not None:
         if experiment.lifecycle_stage == "deleted":
             client.restore_experiment(experiment.experiment_id)
-        return experiment.experiment_id
-    location = f"{artifact_location.rstrip('/')}/{name}" if artifact_location else None
-    return client.create_experiment(name, artifact_location=location)
+        experiment_id = experiment.experiment_id
+    else:
+        location = f"{artifact_location.rstrip('/')}/{name}" if artifact_location else None
+        experiment_id = client.create_experiment(name, artifact_location=location)
+    client.set_experiment_tag(
+        experiment_id, internals.MLFLOW_EXPERIMENT_KIND_TAG, internals.MLFLOW_TRAINING_EXPERIMENT
+    )
+    return experiment_id
+
+
+def run_description(prompts: list[str], params: Mapping[str, Any]) -> str:
+    """One line for MLflow's run description: the prompt(s), then the searched params."""
+    shown = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in params.items())
+    text = " | ".join(prompts)
+    return f"{text} · {shown}" if shown else text
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -251,6 +265,9 @@ class TrialRun:
             TAG_GIT: identity.git_commit,
             TAG_HOST: socket.gethostname(),
             "dreamsweep.pid": str(os.getpid()),
+            internals.MLFLOW_RUN_NOTE_TAG: _truncate(
+                run_description(identity.prompts, identity.search_params), MAX_TAG
+            ),
         }
         # The tags go in with create_run, in one write: a run can never exist without its trial id.
         run = client.create_run(identity.experiment_id, tags=tags, run_name=tags[TAG_RUN_NAME])
@@ -282,6 +299,13 @@ class TrialRun:
             self.client.log_artifacts(self.run_id, str(path), artifact_path)
         else:
             self.client.log_artifact(self.run_id, str(path), artifact_path)
+
+    def log_image(self, path: Path, key: str, step: int) -> None:
+        """An image MLflow's UI shows over steps (its image slider), beside the file logged as is."""
+        from PIL import Image
+
+        with Image.open(path) as image:
+            self.client.log_image(self.run_id, image.convert("RGB"), key=key, step=int(step))
 
     def set_tags(self, tags: Mapping[str, Any]) -> None:
         self.client.log_batch(

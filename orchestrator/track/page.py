@@ -1,0 +1,339 @@
+"""The report page: one self-contained HTML file (images as data URIs, no script, no CDN), readable
+offline, in MLflow's artifact view, and while the sweep still runs.
+
+What a text-to-3D researcher compares first is what the models look like, so the page opens on the
+top-K trials side by side (turntable per prompt, validation grids over steps, params with those that
+differ from the best highlighted, ground-truth or CLIP metrics) with the worst trial beside them, then
+a fan-out's grid of every prompt, then the study's plots, then every trial's objective.
+
+The plots are Optuna's own (its matplotlib backend: history, parallel coordinates, parameter
+importances, objective against each parameter); only what neither Optuna nor matplotlib draws as a
+whole is drawn here: the HTML tables, and the cross-sweep box plot (Optuna has no plot of objective
+distributions across studies).
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import math
+import time
+from collections.abc import Callable
+from typing import Any
+
+from orchestrator.track.progress import format_duration, format_params
+from orchestrator.track.report import LIVE_FRESH_S, Media, SweepReport, TrialView
+from orchestrator.track.tracking import import_plotting
+
+CSS = """
+body { font: 14px/1.4 system-ui, sans-serif; margin: 24px; color: #1d1d1f; background: #fff; }
+h1 { font-size: 22px; margin: 0 0 4px; } h2 { font-size: 18px; margin: 28px 0 8px; border-bottom: 1px solid #ddd; }
+h3 { font-size: 15px; margin: 18px 0 6px; }
+.meta { color: #555; } .note { background: #fff6d6; border: 1px solid #e8d27a; padding: 6px 10px; margin: 8px 0; }
+table { border-collapse: collapse; margin: 6px 0; } th, td { border: 1px solid #ddd; padding: 4px 8px; vertical-align: top; }
+th { background: #f5f5f7; text-align: left; font-weight: 600; }
+td.num { text-align: right; font-variant-numeric: tabular-nums; }
+.side td { text-align: center; } .side th.role { text-align: center; }
+.side .worst { background: #fdeeee; } .side .best { background: #eaf6ea; }
+td.differs { background: #fff1b8; font-weight: 600; }
+img.render { width: 128px; image-rendering: pixelated; display: block; margin: 0 auto; }
+img.grid { height: 64px; image-rendering: pixelated; }
+.strip { display: flex; flex-wrap: wrap; gap: 4px; max-width: 330px; }
+.strip figure, .fan figure { margin: 0; } figcaption { font-size: 11px; color: #555; text-align: center; }
+.fan { display: flex; flex-wrap: wrap; gap: 10px; } .fan figure { width: 170px; }
+.plots { display: flex; flex-wrap: wrap; gap: 12px; } .plots figure { margin: 0; }
+.plots img { max-width: 560px; border: 1px solid #eee; }
+.bar { background: #4c8bf5; height: 10px; display: inline-block; vertical-align: middle; }
+.caption { font-size: 12px; color: #555; max-width: 170px; margin: 2px auto; }
+"""
+
+
+def data_uri(mime: str, data: bytes) -> str:
+    return f"data:{mime};base64,{base64.b64encode(data).decode('ascii')}"
+
+
+def _esc(value: Any) -> str:
+    return html.escape(str(value), quote=True)
+
+
+def _num(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.5g}" if math.isfinite(value) else str(value)
+    return "-" if value is None else _esc(value)
+
+
+def _img(media: Media | None, css: str, alt: str) -> str:
+    if media is None:
+        return '<span class="meta">(none logged)</span>'
+    return f'<img class="{css}" src="{data_uri(media.mime, media.data)}" alt="{_esc(alt)}">'
+
+
+# -------------------------------------------------------------------------------------------------
+# Plots: Optuna's matplotlib backend, as PNG data
+
+
+def figure_png(figure) -> bytes:
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=90, bbox_inches="tight")
+    return buffer.getvalue()
+
+
+def importance_evaluator(n_complete: int):
+    """Optuna's PED-ANOVA: which params it takes to reach the top trials. It needs only numpy, where
+    fANOVA (Optuna's default) fits scikit-learn random forests: importing those alone took seconds per
+    report here, and on the handful of trials of a small sweep neither is more than a hint. The top
+    quantile is widened so that it holds two trials at least (PED-ANOVA's default, 10 %, would hold
+    one trial in a sweep of under 20)."""
+    from optuna.importance import PedAnovaImportanceEvaluator
+
+    return PedAnovaImportanceEvaluator(target_quantile=max(0.1, min(0.5, 2 / max(1, n_complete))))
+
+
+def study_plots(study, kind: str) -> tuple[dict[str, bytes], list[str]]:
+    """Title -> PNG of each plot the study supports now, and a note for each it cannot draw yet."""
+    plt, ovm = import_plotting()
+    complete = [t for t in study.get_trials(deepcopy=False) if t.state.name == "COMPLETE"] if study else []
+    if not complete:
+        return {}, ["The plots appear once a trial has finished."]
+    searched = kind == "search" and bool(set(complete[0].params))
+    plots: dict[str, Callable] = {"Optimisation history": ovm.plot_optimization_history}
+    notes = []
+    if searched and len(complete) > 1:
+        plots["Parallel coordinates"] = ovm.plot_parallel_coordinate
+        plots["Parameter importances (PED-ANOVA)"] = lambda s: ovm.plot_param_importances(
+            s, evaluator=importance_evaluator(len(complete))
+        )
+        plots["Objective against each parameter"] = ovm.plot_slice
+    elif searched:
+        notes.append("Parallel coordinates, importances and slices need two finished trials.")
+    drawn = {}
+    for title, plot in plots.items():
+        try:
+            axes = plot(study)
+        except (ValueError, RuntimeError, TypeError, ZeroDivisionError) as exc:
+            notes.append(f"{title}: not drawn ({exc}).")
+            continue
+        figure = axes.figure if hasattr(axes, "figure") else axes.flat[0].figure
+        drawn[title] = figure_png(figure)
+        plt.close(figure)
+    return drawn, notes
+
+
+def comparison_plots(reports: list[SweepReport]) -> dict[str, bytes]:
+    plt, ovm = import_plotting()
+    drawn = {}
+    # Optuna draws one study's values; their distributions side by side is a plain matplotlib box plot.
+    values = [[r["objective"] for r in rep.rows if _finished(r)] for rep in reports]
+    if any(values):
+        figure, ax = plt.subplots(figsize=(1.6 + 1.4 * len(reports), 3.6))
+        ax.boxplot([v or [math.nan] for v in values], showmeans=True)
+        ax.set_xticks(range(1, len(reports) + 1), [rep.name for rep in reports])
+        for i, v in enumerate(values, start=1):
+            ax.plot([i] * len(v), v, "o", alpha=0.5, color="#4c8bf5")
+        objective = reports[0].objective
+        ax.set_ylabel(
+            f"{objective['metric']} ({'higher' if objective['mode'] == 'max' else 'lower'} is better)"
+        )
+        ax.set_title("Objective of every finished trial, per sweep")
+        drawn["Objective per sweep"] = figure_png(figure)
+        plt.close(figure)
+    studies = [rep.study for rep in reports if rep.study is not None]
+    if len(studies) > 1 and all(any(t.state.name == "COMPLETE" for t in s.trials) for s in studies):
+        axes = ovm.plot_optimization_history(studies)
+        drawn["Optimisation histories"] = figure_png(axes.figure)
+        plt.close(axes.figure)
+    return drawn
+
+
+def _finished(row: dict[str, Any]) -> bool:
+    value = row.get("objective")
+    return row.get("state") == "FINISHED" and isinstance(value, float) and math.isfinite(value)
+
+
+# -------------------------------------------------------------------------------------------------
+# Sections (HTML by hand: a table of images is what no plotting library draws)
+
+
+def side_by_side(views: list[TrialView], objective: dict[str, str], sweep_column: bool = False) -> str:
+    """Trials as columns; rows: turntable per prompt, validation grids per prompt, params, metrics."""
+    if not views:
+        return '<p class="meta">No finished trial to show yet.</p>'
+    best = views[0]
+    head = ["<tr><th></th>"]
+    for v in views:
+        css = "worst" if v.role == "worst" else "best" if v.role == "best" else ""
+        where = f"{_esc(v.row.get('sweep'))} · " if sweep_column else ""
+        head.append(
+            f'<th class="role {css}">{_esc(v.role)}<br>{where}trial {_esc(v.row["trial"])}<br>'
+            f"{_esc(objective['metric'])} = {_num(v.row['objective'])}</th>"
+        )
+    rows = ["".join(head) + "</tr>"]
+    n_prompts = max(len(v.turntables) for v in views)
+    for i in range(n_prompts):
+        prompt = _prompt(best, i)
+        cells = []
+        for v in views:
+            media = v.turntables[i] if i < len(v.turntables) else None
+            caption = f'<div class="caption">{_esc(_prompt(v, i))}</div>' if _prompt(v, i) != prompt else ""
+            cells.append(f"<td>{_img(media, 'render', 'turntable')}{caption}</td>")
+        rows.append(f"<tr><th>turntable<br>{_esc(prompt)}</th>{''.join(cells)}</tr>")
+    for i in range(n_prompts):
+        cells = []
+        for v in views:
+            grids = v.validation[i] if i < len(v.validation) else []
+            strip = "".join(
+                f"<figure>{_img(m, 'grid', m.caption)}<figcaption>{_esc(m.caption)}</figcaption></figure>"
+                for m in grids
+            )
+            cells.append(f'<td><div class="strip">{strip or "(none logged)"}</div></td>')
+        rows.append(f"<tr><th>validation over steps<br>{_esc(_prompt(best, i))}</th>{''.join(cells)}</tr>")
+    keys = list(dict.fromkeys(k for v in views for k in v.row.get("params", {})))
+    for key in keys:
+        reference = best.row["params"].get(key)
+        cells = []
+        for v in views:
+            value = v.row["params"].get(key)
+            differs = v is not best and value != reference
+            cells.append(f'<td class="num{" differs" if differs else ""}">{_num(value)}</td>')
+        rows.append(f"<tr><th>{_esc(key)}</th>{''.join(cells)}</tr>")
+    metrics = list(dict.fromkeys(k for v in views for k in v.metrics))
+    for key in metrics:
+        cells = "".join(f'<td class="num">{_num(v.metrics.get(key))}</td>' for v in views)
+        rows.append(f"<tr><th>{_esc(key)}</th>{cells}</tr>")
+    legend = (
+        '<p class="meta">Highlighted params differ from the best trial\'s. '
+        f"{_esc(objective['metric'])}: {'higher' if objective['mode'] == 'max' else 'lower'} is better "
+        f"({_esc(objective['aggregate'])} over each trial's prompts).</p>"
+    )
+    return f'<table class="side">{"".join(rows)}</table>{legend}'
+
+
+def _prompt(view: TrialView, i: int) -> str:
+    prompts = view.row.get("prompts") or []
+    return prompts[i] if i < len(prompts) else ""
+
+
+def fanout_grid(views: list[TrialView], objective: dict[str, str]) -> str:
+    figures = []
+    for v in views:
+        media = v.turntables[0] if v.turntables else None
+        figures.append(
+            f"<figure>{_img(media, 'render', v.role)}<figcaption>{_esc(v.role)}<br>"
+            f"{_esc(objective['metric'])} = {_num(v.row['objective'])}</figcaption></figure>"
+        )
+    return f'<div class="fan">{"".join(figures)}</div>'
+
+
+def trials_table(rep: SweepReport) -> str:
+    """Every trial's objective (a bar: longer is better), state, params and prompts, best first."""
+    values = [r["objective"] for r in rep.rows if _finished(r)]
+    low, high = (min(values), max(values)) if values else (0.0, 0.0)
+    rows = ["<tr><th>trial</th><th>state</th><th>objective</th><th></th><th>params</th><th>run</th></tr>"]
+    for r in rep.rows:
+        value = r.get("objective")
+        bar = ""
+        if _finished(r):
+            share = 1.0 if high == low else (value - low) / (high - low)
+            share = share if rep.objective["mode"] == "max" else 1.0 - share
+            bar = f'<span class="bar" style="width:{int(8 + 150 * share)}px"></span>'
+        rows.append(
+            f"<tr><td class='num'>{_num(r['trial'])}</td><td>{_esc(r['state'])}</td>"
+            f"<td class='num'>{_num(value)}</td><td>{bar}</td>"
+            f"<td>{_esc(format_params(r.get('params') or {}, limit=8))}</td>"
+            f"<td class='meta'>{_esc(r['run_id'])}</td></tr>"
+        )
+    return f"<table>{''.join(rows)}</table>"
+
+
+def _plots_html(plots: dict[str, bytes]) -> str:
+    figures = [
+        f'<figure><img src="{data_uri("image/png", png)}" alt="{_esc(title)}">'
+        f"<figcaption>{_esc(title)}</figcaption></figure>"
+        for title, png in plots.items()
+    ]
+    return f'<div class="plots">{"".join(figures)}</div>'
+
+
+def _live_html(rep: SweepReport) -> str:
+    live = rep.live
+    if not live or live.get("finished") or live.get("age_s", math.inf) > LIVE_FRESH_S:
+        return ""
+    trials = "; ".join(
+        f"trial {t['trial']} step {t['step']}/{t['total'] or '?'} ETA {format_duration(t['eta_s'])}"
+        for t in live.get("trials", [])
+    )
+    return (
+        f'<p class="note">Running: {live["running"]} trial(s), done {live["done"]}/{live["total"]}, '
+        f"sweep ETA {format_duration(live.get('eta_s'))}. {_esc(trials)}</p>"
+    )
+
+
+def sweep_section(rep: SweepReport, top: int) -> str:
+    s = rep.summary
+    counts = {}
+    for r in rep.rows:
+        counts[r["state"]] = counts.get(r["state"], 0) + 1
+    states = ", ".join(f"{n} {state.lower()}" for state, n in sorted(counts.items())) or "no trial yet"
+    parts = [
+        f"<h2>Sweep {_esc(rep.name)}</h2>",
+        f'<p class="meta">{_esc(rep.kind)} · objective {_esc(rep.objective["metric"])} '
+        f"({_esc(rep.objective['mode'])}, {_esc(rep.objective['aggregate'])} over the prompts) · "
+        f"{len(rep.rows)} trials: {_esc(states)} · best {_num(s.get('best'))}, median {_num(s.get('median'))}"
+        f" · parent run {_esc(rep.parent_run_id)}</p>",
+        _live_html(rep),
+        *(f'<p class="note">{_esc(n)}</p>' for n in rep.notes),
+        f"<h3>Top {top} side by side{', and the worst' if any(v.role == 'worst' for v in rep.shown) else ''}</h3>",
+        side_by_side(rep.shown, rep.objective),
+    ]
+    if rep.kind == "fanout":
+        parts += [
+            f"<h3>Every prompt ({len(rep.fanout)} finished)</h3>",
+            fanout_grid(rep.fanout, rep.objective),
+        ]
+    plots, notes = study_plots(rep.study, rep.kind)
+    parts += ["<h3>The study</h3>", *(f'<p class="meta">{_esc(n)}</p>' for n in notes), _plots_html(plots)]
+    parts += ["<h3>Every trial</h3>", trials_table(rep)]
+    return "\n".join(parts)
+
+
+def comparison_section(reports: list[SweepReport], comparison: dict[str, Any], joint: list[TrialView]) -> str:
+    objective = comparison["objective"]
+    head = "".join(
+        f"<th>{c}</th>" for c in ["sweep", "trials", "finished", "best", "q1", "median", "q3", "worst"]
+    )
+    rows = [f"<tr>{head}</tr>"]
+    for s in comparison["sweeps"]:
+        cells = [f"<td>{_esc(s['sweep'])}</td>", f"<td class='num'>{s['trials']}</td>"]
+        cells += [f"<td class='num'>{s['finished']}</td>"]
+        cells += [f"<td class='num'>{_num(s[k])}</td>" for k in ["best", "q1", "median", "q3", "worst"]]
+        rows.append(f"<tr>{''.join(cells)}</tr>")
+    return "\n".join(
+        [
+            f"<h2>{len(reports)} sweeps compared on {_esc(objective['metric'])} ({_esc(objective['mode'])})</h2>",
+            f"<table>{''.join(rows)}</table>",
+            _plots_html(comparison_plots(reports)),
+            f"<h3>Joint top {len(joint)} across the sweeps</h3>",
+            side_by_side(joint, objective, sweep_column=True),
+        ]
+    )
+
+
+def render(
+    reports: list[SweepReport],
+    *,
+    top: int = 3,
+    comparison: dict[str, Any] | None = None,
+    joint: list[TrialView] | None = None,
+) -> str:
+    names = ", ".join(rep.name for rep in reports)
+    stamp = time.strftime("%Y-%m-%d %H:%M:%S %Z")
+    body = [f"<h1>dreamsweep report: {_esc(names)}</h1>", f'<p class="meta">generated {_esc(stamp)}</p>']
+    if comparison is not None:
+        body.append(comparison_section(reports, comparison, joint or []))
+    body += [sweep_section(rep, top) for rep in reports]
+    return (
+        '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
+        f"<title>dreamsweep report: {_esc(names)}</title><style>{CSS}</style></head>"
+        f"<body>{''.join(body)}</body></html>\n"
+    )

@@ -1,0 +1,217 @@
+"""The report and MLflow's UI in a real browser (headless Chromium, Debian's `chromium`; .ci/run installs
+it), on a small sweep of the real trainer (reference prior, 16 px, a few steps), so that the page shows
+real turntables and validation grids.
+
+- The report page: every image loads (none broken) and its screenshot is not blank.
+- `mlflow ui` on the sweep's store, started here on 127.0.0.1: the experiment shows the sweep's parent
+  run with its nested trial runs.
+
+Set DREAMSWEEP_SCREENSHOTS=DIR to keep both screenshots (docs/ holds the ones from this test).
+"""
+
+import html
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from functools import partial
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pytest
+import ray
+from PIL import Image
+
+from orchestrator.cli import main
+from orchestrator.run.sweep import submit
+from orchestrator.run.workspace import Workspace
+
+ROOT = Path(__file__).resolve().parents[1]
+CHROMIUM = next((p for p in map(shutil.which, ("chromium", "chromium-browser")) if p), None)
+pytestmark = pytest.mark.skipif(
+    CHROMIUM is None and not os.environ.get("DREAMSWEEP_REQUIRE_BROWSER"),
+    reason="no chromium on PATH (apt-get install chromium; .ci/run installs it)",
+)
+TRIALS = 2  # run at once; with --top 1 the page shows the best beside the worst
+
+
+def chromium(*args: str, tmp: Path, timeout: float = 180) -> str:
+    assert CHROMIUM is not None, "chromium is required here (DREAMSWEEP_REQUIRE_BROWSER is set)"
+    command = [
+        CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars", "--no-first-run",
+        f"--user-data-dir={tmp / 'chromium-profile'}", *args,
+    ]  # fmt: skip
+    done = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return done.stdout
+
+
+def screenshot(url: str, path: Path, tmp: Path, size=(1400, 1800), wait_ms: int = 5000) -> np.ndarray:
+    chromium(
+        f"--window-size={size[0]},{size[1]}",
+        f"--virtual-time-budget={wait_ms}",
+        f"--screenshot={path}",
+        url,
+        tmp=tmp,
+    )
+    pixels = np.asarray(Image.open(path).convert("RGB"))
+    assert pixels.shape[:2] == (size[1], size[0])
+    if os.environ.get("DREAMSWEEP_SCREENSHOTS"):
+        shutil.copy(path, Path(os.environ["DREAMSWEEP_SCREENSHOTS"]) / path.name)
+    return pixels
+
+
+def assert_not_blank(pixels: np.ndarray) -> None:
+    colours = len(np.unique(pixels.reshape(-1, 3), axis=0))
+    assert pixels.std() > 10 and colours > 100, (
+        f"a blank screenshot (std {pixels.std():.1f}, {colours} colours)"
+    )
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory):
+    ws = Workspace(tmp_path_factory.mktemp("ws-browser"))
+    spec = {
+        "name": "browser",
+        "kind": "search",
+        "base": str(ROOT / "sweeps" / "configs" / "reference_cpu.yaml"),
+        "overrides": {
+            "max_steps": 6,
+            "resolution": 16,
+            "prior.image_size": 16,
+            "prior.cache_dir": str(tmp_path_factory.mktemp("reference-cache")),
+            "prior.reference.n_views": 6,
+            "camera.fixed_views": 6,  # trains at the prior's own views (sweeps/configs/reference_cpu.yaml)
+            "prior.reference.uncond_prompts": ["a blue sphere", "a yellow cone"],
+            "renderer.num_samples_per_ray": 16,
+            "logging.log_every": 3,
+            "logging.val_every": 3,
+            "logging.checkpoint_every": 3,
+            "logging.turntable_frames": 4,
+        },
+        "prompts": {"items": ["a red cube", "a green torus"]},
+        "search": {"space": {"guidance.eta": {"type": "float", "low": 0.0, "high": 0.5}}, "seed": 0},
+        "objective": {"metric": "eval/psnr", "mode": "max"},
+        "trials": TRIALS,
+        "max_concurrent": 2,
+        "resources": {"cpus": 1},
+    }
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        assert submit(spec, workspace=ws).complete == TRIALS
+    finally:
+        ray.shutdown()
+    return ws
+
+
+@pytest.fixture
+def http_root(tmp_path):
+    handler = partial(SimpleHTTPRequestHandler, directory=str(tmp_path))
+    handler.log_message = lambda *args: None
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield tmp_path, f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+
+
+# A page beside the report that loads it in a frame (same origin) and writes what it sees of its images.
+HARNESS = """<!DOCTYPE html><html><body><pre id="result">pending</pre>
+<iframe id="report" src="report/index.html" style="width:1400px;height:900px"></iframe>
+<script>
+document.getElementById("report").addEventListener("load", () => {
+  const images = Array.from(document.getElementById("report").contentDocument.images);
+  const check = () => {
+    if (!images.every((i) => i.complete)) return setTimeout(check, 50);
+    document.getElementById("result").textContent = JSON.stringify({
+      images: images.length,
+      broken: images.filter((i) => i.naturalWidth === 0).map((i) => i.alt),
+      gifs: images.filter((i) => i.src.startsWith("data:image/gif")).length,
+    });
+  };
+  check();
+});
+</script></body></html>"""
+
+
+def test_every_image_of_the_report_loads_and_the_page_is_not_blank(sweep, http_root, tmp_path):
+    root, url = http_root
+    out = root / "report"
+    assert (
+        main(["report", "browser", "--top", "1", "--workspace", str(sweep.root), "--output", str(out)]) == 0
+    )
+    (root / "harness.html").write_text(HARNESS)
+    dom = chromium("--virtual-time-budget=20000", "--dump-dom", f"{url}/harness.html", tmp=tmp_path)
+    seen = json.loads(html.unescape(re.search(r'<pre id="result">(.*?)</pre>', dom, re.S).group(1)))
+    # the best and the worst: a turntable per prompt each (GIFs), 2 validation grids each, and 4 plots
+    assert seen["broken"] == [] and seen["gifs"] == 2 * 2 and seen["images"] >= 2 * 2 + 2 * 2 * 2 + 4
+    assert_not_blank(screenshot((root / "report" / "index.html").as_uri(), tmp_path / "report.png", tmp_path))
+
+
+@pytest.fixture
+def mlflow_ui(sweep, tmp_path):
+    port = free_port()
+    command = [
+        sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", sweep.record("browser").stores.mlflow_uri,
+        "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+    ]  # fmt: skip
+    log = open(tmp_path / "ui.log", "w")
+    # its own process group: `mlflow ui` runs its web server in a child process, stopped with it
+    server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 180
+    while True:
+        try:
+            with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
+                if response.status == 200:
+                    break
+        except OSError:
+            pass
+        if server.poll() is not None or time.monotonic() > deadline:
+            os.killpg(server.pid, signal.SIGKILL)
+            pytest.fail(f"mlflow ui did not start: {(tmp_path / 'ui.log').read_text()[-2000:]}")
+        time.sleep(0.5)
+    yield url
+    os.killpg(server.pid, signal.SIGTERM)
+    try:
+        server.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        os.killpg(server.pid, signal.SIGKILL)
+        server.wait(timeout=10)
+
+
+def test_mlflow_ui_shows_the_sweep_as_a_parent_run_with_nested_trial_runs(sweep, mlflow_ui, tmp_path):
+    record = sweep.record("browser")
+    client = mlflow.MlflowClient(record.stores.mlflow_uri)
+    runs = client.search_runs([record.experiment_id])
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == record.parent_run_id]
+    assert len(runs) == 1 + TRIALS and len(children) == TRIALS
+    # MLflow 3.17's UI opens every experiment as a GenAI one (traces) unless "Model training" is
+    # picked; `workflowType=machine_learning` picks it (the link `dreamsweep report` prints).
+    page = f"{mlflow_ui}/#/experiments/{record.experiment_id}?workflowType=machine_learning"
+    for _ in range(3):  # the server's first requests can outlast the browser's wait: ask again
+        dom = chromium(
+            "--window-size=1400,900", "--virtual-time-budget=30000", "--dump-dom", page, tmp=tmp_path
+        )
+        text = " ".join(re.sub(r"<[^>]+>", " ", dom).split())
+        if "matching runs" in text:
+            break
+    assert f"{1 + TRIALS} matching runs" in text  # the parent and its children
+    # the parent's row, named after the sweep, with the expander its nested children sit under
+    assert f'href="#/experiments/{record.experiment_id}/runs/{record.parent_run_id}"' in dom
+    assert "No data available" not in text
+    assert_not_blank(screenshot(page, tmp_path / "mlflow-ui.png", tmp_path, size=(1400, 900), wait_ms=30000))
