@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 from trainers.config import load_train_config
-from trainers.evaluation import ground_truth, on_background
+from trainers.evaluation.ground_truth import ground_truth, on_background
 from trainers.per_prompt import NonFiniteLossError, Trainer
 from trainers.priors import default_cache_dir, load_prior
 from trainers.priors.base import DiffusionPrior
