@@ -7,6 +7,7 @@ dreamsweep status NAME
 dreamsweep compare NAME [--top K] [--format table|csv|json]
 dreamsweep best NAME [--output FILE]
 dreamsweep list
+dreamsweep eval RUN_DIR... [--clip PATH] [--views 120] [--format table|json]
 """
 
 from __future__ import annotations
@@ -76,6 +77,25 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("list", help="the sweeps in the workspace")
     _workspace_arg(p)
+
+    p = sub.add_parser(
+        "eval", help="CLIP similarity and R@1 of finished runs (the paper's protocol), with ground truth"
+    )
+    p.add_argument(
+        "runs", nargs="+", metavar="RUN_DIR", help="trainers' output_dir (config.yaml, checkpoints/)"
+    )
+    p.add_argument(
+        "--clip",
+        default="openai/clip-vit-large-patch14",
+        help="a CLIP hub id, a local copy of one, or tiny-clip (default: the paper's ViT-L/14)",
+    )
+    p.add_argument("--views", type=int, default=120, help="renders on the orbit per run (default 120)")
+    p.add_argument(
+        "--elevation", type=float, default=15.0, help="the orbit's elevation, degrees (default 15)"
+    )
+    p.add_argument("--resolution", type=int, default=None, help="render size (default: each run's own)")
+    p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda:0, ...")
+    p.add_argument("--format", choices=("table", "json"), default="table")
     return parser
 
 
@@ -154,6 +174,54 @@ def cmd_list(args) -> int:
     return 0
 
 
+EVAL_COLUMNS = [
+    "run",
+    "prompt",
+    "step",
+    "clip_similarity",
+    "clip_r_at_1",
+    "eval/psnr",
+    "eval/ssim",
+    "eval/iou",
+    "eval/depth_l1",
+]
+
+
+def cmd_eval(args) -> int:
+    import json
+
+    from orchestrator.track.report import format_rows
+    from trainers.evaluation.runs import evaluate_runs
+
+    def progress(done: int, total: int, run) -> None:
+        print(f"eval: {done}/{total} scored ({run.path})", file=sys.stderr, flush=True)
+
+    result = evaluate_runs(
+        args.runs,
+        clip=args.clip,
+        views=args.views,
+        elevation=args.elevation,
+        resolution=args.resolution,
+        device=args.device,
+        on_progress=progress,
+        on_note=lambda text: print(f"eval: note: {text}", file=sys.stderr, flush=True),
+    )
+    if args.format == "json":
+        print(json.dumps(result, indent=2))
+        return 0
+    columns = [c for c in EVAL_COLUMNS if any(row.get(c) is not None for row in result["runs"])]
+    print(format_rows(result["runs"], columns, "table"))
+    print(
+        f"CLIP similarity: {result['similarity']:.4f}  ({result['clip']}, {result['views']} views at "
+        f"{result['elevation']:g} degrees, mean over {len(result['runs'])} run(s))"
+    )
+    if result["recall_at_1"] is None:
+        print(f"CLIP R@1: undefined. {result['recall_at_1_undefined']}")
+    else:
+        print(f"CLIP R@1: {result['recall_at_1']:.4f}  (over {result['prompts']} prompts)")
+    return 0
+
+
 COMMANDS = {
     "train": cmd_train,
     "submit": cmd_submit,
@@ -162,6 +230,7 @@ COMMANDS = {
     "compare": cmd_compare,
     "best": cmd_best,
     "list": cmd_list,
+    "eval": cmd_eval,
 }
 
 
