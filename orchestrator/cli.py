@@ -144,11 +144,15 @@ def cmd_status(args) -> int:
 
 def cmd_compare(args) -> int:
     from orchestrator.run.workspace import Workspace
-    from orchestrator.track.report import compare, format_rows
+    from orchestrator.track.report import compare, format_rows, sweep_metric
 
-    print(
-        format_rows(compare(args.name, Workspace(args.workspace), top=args.top), COMPARE_COLUMNS, args.format)
-    )
+    workspace = Workspace(args.workspace)
+    rows = compare(args.name, workspace, top=args.top)
+    with_recall = any(row.get("clip_r_at_1") is not None for row in rows)
+    print(format_rows(rows, COMPARE_COLUMNS + ["clip_r_at_1"] * with_recall, args.format))
+    recall = sweep_metric(args.name, workspace, "eval/clip_r_at_1") if args.format == "table" else None
+    if recall is not None:
+        print(f"CLIP R@1 over the sweep's finished prompts: {recall:.4f}")
     return 0
 
 
