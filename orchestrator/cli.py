@@ -193,12 +193,21 @@ EVAL_COLUMNS = [
 
 def cmd_eval(args) -> int:
     import json
+    import time
 
     from orchestrator.track.report import format_rows
     from trainers.evaluation.runs import evaluate_runs
 
+    started = time.monotonic()
+
     def progress(done: int, total: int, run) -> None:
-        print(f"eval: {done}/{total} scored ({run.path})", file=sys.stderr, flush=True)
+        elapsed = time.monotonic() - started
+        eta = elapsed / done * (total - done)
+        print(
+            f"eval: {done}/{total} scored ({run.path}), {elapsed:.0f} s, ETA {eta:.0f} s",
+            file=sys.stderr,
+            flush=True,
+        )
 
     result = evaluate_runs(
         args.runs,
