@@ -11,6 +11,7 @@ dreamsweep compare NAME [NAME ...] [--top K] [--format table|csv|json]
 dreamsweep report NAME [NAME ...] [--top K] [--output DIR] [--force]
 dreamsweep best NAME [--output FILE]
 dreamsweep list [--address URL]
+dreamsweep eval RUN_DIR... [--clip PATH] [--views 120] [--format table|json]
 
 --address http://HEAD:8265 (or $DREAMSWEEP_ADDRESS, or an http $RAY_ADDRESS) runs the sweep on that
 Ray cluster as a Ray Job (orchestrator.run.jobs); without one everything runs on this machine.
@@ -134,6 +135,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", choices=("table", "csv", "json"), default="table")
     _workspace_arg(p)
     _address_arg(p)
+
+    p = sub.add_parser(
+        "eval", help="CLIP similarity and R@1 of finished runs (the paper's protocol), with ground truth"
+    )
+    p.add_argument(
+        "runs", nargs="+", metavar="RUN_DIR", help="trainers' output_dir (config.yaml, checkpoints/)"
+    )
+    p.add_argument(
+        "--clip",
+        default="openai/clip-vit-large-patch14",
+        help="a CLIP hub id, a local copy of one, or tiny-clip (default: the paper's ViT-L/14)",
+    )
+    p.add_argument("--views", type=int, default=120, help="renders on the orbit per run (default 120)")
+    p.add_argument(
+        "--elevation", type=float, default=15.0, help="the orbit's elevation, degrees (default 15)"
+    )
+    p.add_argument("--resolution", type=int, default=None, help="render size (default: each run's own)")
+    p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda:0, ...")
+    p.add_argument("--format", choices=("table", "json"), default="table")
     return parser
 
 
@@ -308,11 +328,17 @@ def cmd_compare(args) -> int:
     import json
 
     from orchestrator.run.workspace import Workspace
-    from orchestrator.track.report import compare, compare_sweeps, format_rows, validate_top
+    from orchestrator.track.report import compare, compare_sweeps, format_rows, sweep_metric, validate_top
 
     workspace, top = Workspace(args.workspace), validate_top(args.top)
     if len(args.names) == 1:
-        print(format_rows(compare(args.names[0], workspace, top=top), COMPARE_COLUMNS, args.format))
+        name = args.names[0]
+        rows = compare(name, workspace, top=top)
+        with_recall = any(row.get("clip_r_at_1") is not None for row in rows)
+        print(format_rows(rows, COMPARE_COLUMNS + ["clip_r_at_1"] * with_recall, args.format))
+        recall = sweep_metric(name, workspace, "eval/clip_r_at_1") if args.format == "table" else None
+        if recall is not None:
+            print(f"CLIP R@1 over the sweep's finished prompts: {recall:.4f}")
         return 0
     result = compare_sweeps(args.names, workspace, top=top)
     if args.format == "json":
@@ -404,6 +430,63 @@ def cmd_list(args) -> int:
     return 0
 
 
+EVAL_COLUMNS = [
+    "run",
+    "prompt",
+    "step",
+    "clip_similarity",
+    "clip_r_at_1",
+    "eval/psnr",
+    "eval/ssim",
+    "eval/iou",
+    "eval/depth_l1",
+]
+
+
+def cmd_eval(args) -> int:
+    import json
+    import time
+
+    from orchestrator.track.report import format_rows
+    from trainers.evaluation.runs import evaluate_runs
+
+    started = time.monotonic()
+
+    def progress(done: int, total: int, run) -> None:
+        elapsed = time.monotonic() - started
+        eta = elapsed / done * (total - done)
+        print(
+            f"eval: {done}/{total} scored ({run.path}), {elapsed:.0f} s, ETA {eta:.0f} s",
+            file=sys.stderr,
+            flush=True,
+        )
+
+    result = evaluate_runs(
+        args.runs,
+        clip=args.clip,
+        views=args.views,
+        elevation=args.elevation,
+        resolution=args.resolution,
+        device=args.device,
+        on_progress=progress,
+        on_note=lambda text: print(f"eval: note: {text}", file=sys.stderr, flush=True),
+    )
+    if args.format == "json":
+        print(json.dumps(result, indent=2))
+        return 0
+    columns = [c for c in EVAL_COLUMNS if any(row.get(c) is not None for row in result["runs"])]
+    print(format_rows(result["runs"], columns, "table"))
+    print(
+        f"CLIP similarity: {result['similarity']:.4f}  ({result['clip']}, {result['views']} views at "
+        f"{result['elevation']:g} degrees, mean over {len(result['runs'])} run(s))"
+    )
+    if result["recall_at_1"] is None:
+        print(f"CLIP R@1: undefined. {result['recall_at_1_undefined']}")
+    else:
+        print(f"CLIP R@1: {result['recall_at_1']:.4f}  (over {result['prompts']} prompts)")
+    return 0
+
+
 COMMANDS = {
     "train": cmd_train,
     "generate": cmd_generate,
@@ -416,6 +499,7 @@ COMMANDS = {
     "list": cmd_list,
     "logs": cmd_logs,
     "stop": cmd_stop,
+    "eval": cmd_eval,
 }
 
 

@@ -21,3 +21,11 @@ def tiny_sd_prior(tiny_sd_dir: Path):
     from trainers.priors import PriorConfig, load_prior
 
     return load_prior(PriorConfig(name=str(tiny_sd_dir)), "cpu")
+
+
+@pytest.fixture(scope="session")
+def tiny_clip_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The random-weight `tiny-clip` (CLIP's layout, 224 px input), built once per test session."""
+    from trainers.evaluation.tiny_clip import build_tiny_clip
+
+    return build_tiny_clip(tmp_path_factory.mktemp("clip") / "tiny-clip")

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from trainers.config import load_train_config
-from trainers.evaluation import (
+from trainers.evaluation.ground_truth import (
     METRIC_NAMES,
     depth_l1,
     evaluate_against_scene,

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import pytest
 
 from trainers.config import TrainConfig, load_train_config
-from trainers.evaluation import evaluate_against_scene, ground_truth, render_metrics
+from trainers.evaluation.ground_truth import evaluate_against_scene, ground_truth, render_metrics
 from trainers.per_prompt import Trainer
 from trainers.reference.prior import ReferencePrior, ReferencePriorConfig
 from trainers.reference.scenes import scene_cache_dir

@@ -170,3 +170,42 @@ def test_yaml_file_relative_paths_resolve_against_the_spec_folder(tmp_path):
 def test_every_shipped_sweep_spec_validates(path):
     spec = load_sweep_spec(path)
     assert spec.name == path.stem and spec.prompts is not None
+
+
+# -- the CLIP objective ------------------------------------------------------------------------------
+
+
+def clip_objective_spec(**overrides):
+    data = spec_with("objective", {"metric": "eval/clip_similarity", "mode": "max"})
+    data["overrides"] = dict(overrides)
+    return data
+
+
+def test_a_clip_similarity_objective_validates_only_when_a_clip_model_is_configured():
+    with pytest.raises(SpecError, match=r"'eval/clip_similarity' needs a CLIP model: set evaluation.clip"):
+        load_sweep_spec(clip_objective_spec())
+    spec = load_sweep_spec(clip_objective_spec(**{"evaluation.clip": "tiny-clip"}))
+    assert spec.objective.metric == "eval/clip_similarity"
+    # In the base config as well as in overrides (as the shipped SD specs set it).
+    data = clip_objective_spec()
+    data["base"] = {**GOOD["base"], "evaluation": {"clip": "openai/clip-vit-large-patch14"}}
+    assert load_sweep_spec(data).objective.mode == "max"
+
+
+def test_r_at_1_is_refused_as_a_trials_objective_and_asha_needs_clip_while_training():
+    data = spec_with("objective", {"metric": "eval/clip_r_at_1", "mode": "max"})
+    with pytest.raises(SpecError, match="R@1 ranks a set of prompts"):
+        load_sweep_spec(data)
+    data = clip_objective_spec(**{"evaluation.clip": "tiny-clip"})
+    data["early_stopping"] = {"grace_period": 2}
+    with pytest.raises(SpecError, match="set evaluation.every"):
+        load_sweep_spec(data)
+    data["overrides"]["evaluation.every"] = 2
+    assert load_sweep_spec(data).early_stopping.grace_period == 2
+
+
+def test_the_shipped_stable_diffusion_specs_optimise_clip_similarity():
+    for name in ("mg15-eta-cfg", "mg15-fanout"):
+        spec = load_sweep_spec(SWEEPS / f"{name}.yaml")
+        assert (spec.objective.metric, spec.objective.mode) == ("eval/clip_similarity", "max")
+        assert spec.base["evaluation"]["clip"] == "openai/clip-vit-large-patch14"

@@ -5,6 +5,7 @@ One Ray instance for the module. A search sweep (each trial on a panel of two pr
 """
 
 import json
+from pathlib import Path
 
 import mlflow
 import optuna
@@ -58,12 +59,13 @@ def search_sweep(local_ray, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def fanout_sweep(local_ray, tmp_path_factory):
+def fanout_sweep(local_ray, tmp_path_factory, tiny_clip_dir):
     ws = Workspace(tmp_path_factory.mktemp("ws-fanout"))
     spec = {
         "name": "fan",
         "kind": "fanout",
-        "base": TINY,
+        # Scored with the tiny CLIP on a 2-view orbit: the sweep ends with R@1 over its prompts.
+        "base": {**TINY, "evaluation": {"clip": str(tiny_clip_dir), "views": 2}},
         "overrides": {"guidance.eta": 0.2},
         "prompts": {"items": PROMPTS},
         "objective": {"metric": "train/loss", "mode": "min"},
@@ -187,6 +189,32 @@ def test_fanout_runs_one_trial_per_prompt(fanout_sweep):
         steps = [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")]
         assert steps == list(range(1, TINY["max_steps"] + 1))
     assert sorted(r["params"]["prompt_index"] for r in status("fan", ws)) == [0, 1]
+
+
+def test_fanout_ends_with_clip_r_at_1_over_its_prompts_as_dreamsweep_eval_computes_it(
+    fanout_sweep, tiny_clip_dir, capsys
+):
+    _, ws, _ = fanout_sweep
+    client, record = mlflow_of(ws, "fan")
+    recall = {
+        json.loads(run.data.tags[tracking.TAG_PROMPTS])[0]: run.data.metrics["eval/clip_r_at_1"]
+        for run in tracking.trial_runs(client, record.experiment_id)
+    }
+    parent = client.get_run(record.parent_run_id).data.metrics["eval/clip_r_at_1"]
+    assert parent == pytest.approx(sum(recall.values()) / len(PROMPTS))
+    # The trials' final checkpoints scored again, together, by `dreamsweep eval`: the same R@1 per prompt.
+    run_dirs = sorted(str(p.parent) for p in Path(record.stores.tune_path).rglob("prompt_*/config.yaml"))
+    assert len(run_dirs) == 2
+    assert main(["eval", *run_dirs, "--clip", str(tiny_clip_dir), "--views", "2", "--format", "json"]) == 0
+    rescored = json.loads(capsys.readouterr().out)
+    assert {row["prompt"]: row["clip_r_at_1"] for row in rescored["runs"]} == pytest.approx(recall)
+
+    assert main(["compare", "fan", "--workspace", str(ws.root)]) == 0
+    out = capsys.readouterr().out
+    assert (
+        "clip_r_at_1" in out.splitlines()[0]
+        and f"CLIP R@1 over the sweep's finished prompts: {parent:.4f}" in out
+    )
 
 
 @pytest.fixture(scope="module")

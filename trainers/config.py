@@ -25,6 +25,7 @@ from trainers.config_base import (
     parse_overrides,
     set_dotted,
 )
+from trainers.evaluation.config import EvaluationConfig
 from trainers.geometry.implicit_volume import ImplicitVolumeConfig
 from trainers.guidance import GuidanceConfig
 from trainers.priors.base import PriorConfig
@@ -75,6 +76,7 @@ class TrainConfig(ConfigBase):
     optimizer: OptimizerConfig = OptimizerConfig()
     loss: LossConfig = LossConfig()
     logging: LoggingConfig = LoggingConfig()
+    evaluation: EvaluationConfig = EvaluationConfig()
 
     @field_validator("prompt")
     @classmethod

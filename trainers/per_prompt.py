@@ -234,7 +234,8 @@ class Trainer:
         return save_turntable(path, self.render_views(cameras)["rgb"])
 
     def evaluate(self) -> dict[str, float]:
-        """Ground-truth metrics where the prompt has a ground truth (the reference scenes), else {}."""
+        """Ground-truth metrics where the prompt has a ground truth (the reference scenes), CLIP similarity
+        where `evaluation.clip` names a model, else {}."""
         return evaluation.evaluate_trainer(self)
 
     def close(self) -> None:
@@ -278,6 +279,7 @@ def train(
     (output_dir / "config.yaml").write_text(config_yaml)
 
     trainer = Trainer(config, prior)
+    evaluation.prepare(trainer)  # a bad evaluation.clip fails now, not after the last step
     if resume_from == "latest":
         resume_from = latest_checkpoint(checkpoint_dir)
     if resume_from is not None:
@@ -325,17 +327,21 @@ def train(
                     on_metrics(step, metrics)
             if log.val_every and step % log.val_every == 0 and step < config.max_steps:
                 emit_artifact(trainer.save_validation(output_dir / "validation" / f"step_{step:07d}.png"))
+            if evaluation.due(config, step) and on_metrics:
+                on_metrics(step, evaluation.evaluate_clip(trainer))
             if log.checkpoint_every and step % log.checkpoint_every == 0 and step < config.max_steps:
                 checkpoint()
         bar.close()
 
         final = dict(last_metrics)
-        ground_truth = trainer.evaluate()
-        if ground_truth:
-            final |= ground_truth
+        evaluated = trainer.evaluate()
+        if evaluated:
+            final |= evaluated
             if on_metrics:
-                on_metrics(trainer.step, ground_truth)
+                on_metrics(trainer.step, evaluated)
         checkpoint()
+        for path in evaluation.saved_files(config):  # the CLIP image embeddings: a fan-out's R@1 reads them
+            emit_artifact(path)
         emit_artifact(trainer.save_validation(output_dir / "validation" / f"step_{trainer.step:07d}.png"))
         emit_artifact(trainer.save_turntable(output_dir / f"turntable.{log.turntable_format}"))
         (output_dir / "metrics.yaml").write_text(

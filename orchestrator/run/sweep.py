@@ -30,7 +30,7 @@ from orchestrator.spec.spec import (
     sweep_keys,
     trainer_functions,
 )
-from orchestrator.track import tracking
+from orchestrator.track import clip_recall, tracking
 from orchestrator.track.progress import SweepProgress
 
 
@@ -221,5 +221,6 @@ def finalize(spec: SweepSpec, record: SweepRecord) -> SweepOutcome:
         )
         best_trial, best_value = best.number, best.value
         client.log_metric(record.parent_run_id, "best/objective_final", float(best.value))
+    clip_recall.finalize_fanout(spec, record, client)  # eval/clip_r_at_1 over the finished prompts
     client.set_terminated(record.parent_run_id, status="FINISHED" if complete else "FAILED")
     return SweepOutcome(spec.name, len(complete), failed, best_trial, best_value)

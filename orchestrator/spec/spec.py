@@ -350,6 +350,7 @@ def check_spec(spec: SweepSpec) -> None:
             raise SpecError(f"overrides/search.space: the trainer refuses the config{at}: {exc}") from None
     assert config is not None
     reported = reported_metrics(config)
+    _check_clip_objective(spec, config, reported)
     if spec.objective.metric not in reported:
         raise SpecError(
             f"objective.metric {spec.objective.metric!r} is never reported by the trainer for this config; "
@@ -389,6 +390,29 @@ def sweep_keys(spec: SweepSpec, prompt: str) -> dict[str, Any]:
             "data_parallel.use_gpu": spec.resources.gpus > 0,
         }
     return {"prompt": prompt}
+
+
+def _check_clip_objective(spec: SweepSpec, config: Any, reported: set[str]) -> None:
+    """The CLIP objectives' own errors: which setting is missing, rather than the list of metrics."""
+    from trainers.evaluation import CLIP_R_AT_1, CLIP_SIMILARITY
+
+    metric = spec.objective.metric
+    if metric == CLIP_R_AT_1:
+        raise SpecError(
+            f"objective.metric {CLIP_R_AT_1!r} is not a trial's metric: R@1 ranks a set of prompts, so a "
+            f"fan-out computes it over its finished trials at the end; use {CLIP_SIMILARITY!r} per trial"
+        )
+    if metric == CLIP_SIMILARITY and metric not in reported:
+        raise SpecError(
+            f"objective.metric {CLIP_SIMILARITY!r} needs a CLIP model: set evaluation.clip in base or "
+            "overrides (openai/clip-vit-large-patch14, the paper's; a local copy of it; tiny-clip on a CPU)"
+        )
+    if metric == CLIP_SIMILARITY and spec.early_stopping is not None and not config.evaluation.every:
+        raise SpecError(
+            f"early_stopping: ASHA judges trials on {CLIP_SIMILARITY!r} while they train, but it is only "
+            "computed at the end; set evaluation.every (steps) in base or overrides, e.g. the checkpoint "
+            "interval"
+        )
 
 
 def base_config_dict(spec: SweepSpec) -> dict[str, Any]:

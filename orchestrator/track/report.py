@@ -134,6 +134,8 @@ def compare(name: str, workspace: Workspace, top: int | None = None) -> list[dic
                 "objective": objective,
                 "prompts": prompts,
                 "ray_trial_id": tags.get(tracking.TAG_RAY_TRIAL),
+                # A fan-out's R@1 (its prompt's images among the finished prompts), logged at the sweep's end.
+                "clip_r_at_1": run.data.metrics.get("eval/clip_r_at_1"),
             }
         )
     sign = 1 if spec.objective.mode == "min" else -1
@@ -149,6 +151,14 @@ def compare(name: str, workspace: Workspace, top: int | None = None) -> list[dic
 
     rows.sort(key=order)
     return rows[:top] if top else rows
+
+
+def sweep_metric(name: str, workspace: Workspace, key: str) -> float | None:
+    """A metric of the sweep's parent run (e.g. a fan-out's eval/clip_r_at_1), None if not logged."""
+    from mlflow.tracking import MlflowClient
+
+    record = workspace.record(name)
+    return MlflowClient(record.stores.mlflow_uri).get_run(record.parent_run_id).data.metrics.get(key)
 
 
 def best_config_yaml(name: str, workspace: Workspace) -> str:

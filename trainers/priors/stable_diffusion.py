@@ -11,19 +11,17 @@ from __future__ import annotations
 
 import json
 import os
-import re
-import socket
 from collections import OrderedDict
 from functools import partial
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlparse
 
 import torch
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
 
 from trainers.config_base import ConfigError
+from trainers.hub import HUB_ID, download_hint, hub_offline, hub_reachable
 from trainers.priors.base import (
     DeviceCapabilities,
     DiffusionPrior,
@@ -38,10 +36,6 @@ REQUIRED_SUBFOLDERS = ("unet", "text_encoder", "tokenizer", "scheduler")
 # Prompts repeat every step (the prompt, its view suffixes and ""), so their embeddings are cached;
 # the bound keeps GPU memory small when an amortized run cycles through many prompts.
 TEXT_CACHE_SIZE = 256
-# One TCP connect decides whether the hub is reachable; see `_hub_reachable`.
-HUB_PROBE_TIMEOUT_S = 3.0
-# "org/name", the form of every diffusers repository on the hub.
-HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 # prior.encoder=linear: SD's latent -> RGB approximation (rows: the 4 latent channels, scaled by the VAE's
 # scaling factor; columns: R, G, B in [-1, 1]), the one latent previews use. Its pseudo-inverse maps a
 # render to latents: colour without texture, and no VAE in the step.
@@ -443,7 +437,7 @@ def _resolve_hub_id(repo_id: str, cache_dir: str | None) -> tuple[str, dict[str,
     )
 
     # Offline, only the local cache is read; a cached download then loads with no network at all.
-    local_only = _hub_offline() or not _hub_reachable()
+    local_only = hub_offline() or not hub_reachable()
     try:
         index_file = hf_hub_download(
             repo_id, "model_index.json", cache_dir=cache_dir, local_files_only=local_only
@@ -476,40 +470,9 @@ def _unreachable(repo_id: str, tried_cache_only: bool, detail: str = "") -> HubU
     if tried_cache_only:
         reason += " and no cached copy was found"
     return HubUnreachableError(
-        f"prior.name={repo_id!r}: {reason}{f' ({detail})' if detail else ''}. To use a local copy, run "
-        f"`huggingface-cli download {repo_id} --local-dir DIR` (or `hf download {repo_id} --local-dir DIR`) "
-        "on a machine with access, copy DIR here, and set prior.name=DIR; or use prior.name=tiny-sd to run "
-        "without weights"
+        f"prior.name={repo_id!r}: {reason}{f' ({detail})' if detail else ''}. "
+        f"{download_hint(repo_id, 'set prior.name=DIR')}; or use prior.name=tiny-sd to run without weights"
     )
-
-
-def _hub_offline() -> bool:
-    from huggingface_hub import constants
-
-    # Read the environment too: HF_HUB_OFFLINE may be set after huggingface_hub was imported.
-    env = os.environ.get("HF_HUB_OFFLINE", "").strip().lower()
-    return bool(constants.HF_HUB_OFFLINE) or env in {"1", "true", "yes", "on"}
-
-
-def _hub_reachable() -> bool:
-    """One TCP connect to the hub endpoint with a short timeout.
-
-    Written by hand because huggingface_hub retries connection errors with exponential backoff (about
-    25 s before it gives up) and offers no setting to turn that off; without a network this answers at
-    once and the hub client is then used in cache-only mode. Behind a proxy the direct connect says
-    nothing, so the hub client is left to decide.
-    """
-    from huggingface_hub import constants
-
-    if any(os.environ.get(var) for var in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
-        return True
-    endpoint = urlparse(constants.ENDPOINT)
-    port = endpoint.port or (443 if endpoint.scheme == "https" else 80)
-    try:
-        with socket.create_connection((endpoint.hostname, port), timeout=HUB_PROBE_TIMEOUT_S):
-            return True
-    except OSError:
-        return False
 
 
 def _lists_vae(index: dict[str, Any]) -> bool:

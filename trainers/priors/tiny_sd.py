@@ -13,6 +13,7 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -53,7 +54,7 @@ def build_tiny_sd(directory: str | os.PathLike[str], *, pixel_space: bool = Fals
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-building-", dir=target.parent))
     try:
         _write_pipeline(staging, pixel_space)
-        _move_into_place(staging, target, pixel_space)
+        move_into_place(staging, target, lambda path: _is_current_build(path, pixel_space))
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return target
@@ -71,13 +72,15 @@ def _recipe(pixel_space: bool) -> dict[str, object]:
     return {"recipe_version": RECIPE_VERSION, "pixel_space": pixel_space}
 
 
-def _move_into_place(staging: Path, target: Path, pixel_space: bool) -> None:
+def move_into_place(staging: Path, target: Path, is_current: Callable[[Path], bool]) -> None:
+    """Rename a finished build from `staging` to `target`, replacing a stale build (`is_current` false)
+    and accepting one that a concurrent process put there first. Shared with the tiny CLIP."""
     try:
         os.rename(staging, target)
         return
     except OSError:
         pass  # the target exists: another process won the race, or it is a stale build
-    if _is_current_build(target, pixel_space):
+    if is_current(target):
         return
     # A stale or broken build: move it aside (one rename, so readers see old or new, never a mix), retry.
     trash = Path(tempfile.mkdtemp(prefix=f".{target.name}-stale-", dir=target.parent))
@@ -88,7 +91,7 @@ def _move_into_place(staging: Path, target: Path, pixel_space: bool) -> None:
     try:
         os.rename(staging, target)
     except OSError:
-        if not _is_current_build(target, pixel_space):
+        if not is_current(target):
             raise
     finally:
         shutil.rmtree(trash, ignore_errors=True)
