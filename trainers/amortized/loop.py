@@ -30,7 +30,6 @@ import yaml
 from torch import nn
 from tqdm.auto import tqdm
 
-from trainers import evaluation
 from trainers.amortized.config import AmortizedConfig
 from trainers.amortized.generators import ConditionedField, Generator, make_generator
 from trainers.amortized.generators.background import HyperBackground
@@ -56,6 +55,7 @@ from trainers.checkpoint import (
     save_checkpoint,
 )
 from trainers.config import config_to_dict
+from trainers.evaluation import ground_truth as scene_metrics
 from trainers.guidance import make_guidance
 from trainers.per_prompt import NonFiniteLossError, TrainResult, seed_everything
 from trainers.priors import load_prior, resolve_device
@@ -515,7 +515,7 @@ class AmortizedTrainer:
             scored = [p for p in prompts if is_scene_prompt(p)]
             per_prompt = [self._evaluate_prompt(p) for p in scored]
             prefix = "eval/" if group == "train" else "eval/held_out/"
-            for name in evaluation.METRIC_NAMES:
+            for name in scene_metrics.METRIC_NAMES:
                 values = [m[name] for m in per_prompt if math.isfinite(m[name])]
                 if values:
                     out[prefix + name.removeprefix("eval/")] = float(np.mean(values))
@@ -525,7 +525,7 @@ class AmortizedTrainer:
         def render(cameras, width, height):
             return self.render_prompts([prompt], cameras)
 
-        return evaluation.evaluate_against_scene(
+        return scene_metrics.evaluate_against_scene(
             render,
             prompt,
             resolution=self.config.resolution,
@@ -551,7 +551,7 @@ def reported_metrics(config: AmortizedConfig) -> set[str]:
     if config.loss.lambda_opacity > 0:
         names.add("train/loss_opacity")
     if config.prior.name in REFERENCE_PRIORS:
-        short = [name.removeprefix("eval/") for name in evaluation.METRIC_NAMES]
+        short = [name.removeprefix("eval/") for name in scene_metrics.METRIC_NAMES]
         names |= {f"eval/{n}" for n in short}
         if config.eval_prompts.held_out or config.eval_prompts.n_reference_held_out:
             names |= {f"eval/held_out/{n}" for n in short}
