@@ -94,7 +94,7 @@ def cache_dir(tmp_path_factory: pytest.TempPathFactory):
 def loaded(cache_dir: Path) -> StableDiffusionPrior:
     # image_size=64 (8² latents) keeps the forward below cheap; the weights are the full-size ones.
     return load_prior(
-        PriorConfig(name="sd21-shaped", cache_dir=str(cache_dir), dtype="bf16", image_size=64), "cpu"
+        PriorConfig(name="sd21-shaped", cache_dir=str(cache_dir), dtype="fp16", image_size=64), "cpu"
     )
 
 
