@@ -35,7 +35,7 @@ import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel
 
-from trainers.priors.tiny_sd import make_scheduler, make_tokenizer
+from trainers.priors.tiny_sd import make_scheduler, make_tokenizer, move_into_place
 
 # Bump when a config below changes: a cached build with another version is replaced.
 RECIPE_VERSION = 1
@@ -156,7 +156,7 @@ def build_sd21_shaped(directory: str | os.PathLike[str], *, progress: bool = Tru
         )
     try:
         _write_pipeline(staging, progress)
-        _move_into_place(staging, target)
+        move_into_place(staging, target, _is_current_build)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     if progress:
@@ -173,28 +173,6 @@ def _is_current_build(target: Path) -> bool:
         return json.loads((target / RECIPE_FILE).read_text()) == _recipe()
     except (OSError, ValueError):
         return False
-
-
-def _move_into_place(staging: Path, target: Path) -> None:
-    try:
-        os.rename(staging, target)
-        return
-    except OSError:
-        pass  # the target exists: another process won the race, or it is a stale build
-    if _is_current_build(target):
-        return
-    trash = Path(tempfile.mkdtemp(prefix=f".{target.name}-stale-", dir=target.parent))
-    try:
-        os.rename(target, trash / target.name)
-    except FileNotFoundError:
-        pass
-    try:
-        os.rename(staging, target)
-    except OSError:
-        if not _is_current_build(target):
-            raise
-    finally:
-        shutil.rmtree(trash, ignore_errors=True)
 
 
 def _write_pipeline(directory: Path, progress: bool) -> None:
