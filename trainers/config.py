@@ -20,10 +20,9 @@ from trainers.config_base import (
     ConfigBase,
     ConfigError,
     build_config,
+    config_source,
     deep_merge,
-    load_yaml,
-    parse_overrides,
-    set_dotted,
+    overrides_tree,
 )
 from trainers.evaluation.config import EvaluationConfig
 from trainers.geometry.implicit_volume import ImplicitVolumeConfig
@@ -118,19 +117,8 @@ def load_train_config(
     overrides: Sequence[str] | Mapping[str, Any] = (),
 ) -> TrainConfig:
     """A YAML path or a dict, then dotted overrides (strings "a.b=1" or a {"a.b": 1} mapping)."""
-    if source is None:
-        data: dict[str, Any] = {}
-        where = "the defaults"
-    elif isinstance(source, Mapping):
-        data, where = dict(source), "the config"
-    else:
-        data, where = load_yaml(source), str(source)
-    if isinstance(overrides, Mapping):
-        nested: dict[str, Any] = {}
-        for key, value in overrides.items():
-            set_dotted(nested, key, value)
-    else:
-        nested = parse_overrides(overrides)
+    data, where = config_source(source)
+    nested = overrides_tree(overrides)
     if nested:
         where = f"{where} with overrides"
     return build_config(TrainConfig, deep_merge(data, nested), where=where)

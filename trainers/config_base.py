@@ -203,6 +203,25 @@ def format_validation_error(exc: ValidationError, where: str = "") -> str:
     return head + "; ".join(lines)
 
 
+def config_source(source: str | Path | Mapping[str, Any] | None) -> tuple[dict[str, Any], str]:
+    """A config's starting point: None (the defaults), a dict, or a YAML path; and how errors name it."""
+    if source is None:
+        return {}, "the defaults"
+    if isinstance(source, Mapping):
+        return dict(source), "the config"
+    return load_yaml(source), str(source)
+
+
+def overrides_tree(overrides: Iterable[str] | Mapping[str, Any]) -> dict[str, Any]:
+    """Dotted overrides, as "a.b=1" strings or a {"a.b": 1} mapping, -> a nested dict."""
+    if not isinstance(overrides, Mapping):
+        return parse_overrides(overrides)
+    nested: dict[str, Any] = {}
+    for key, value in overrides.items():
+        set_dotted(nested, key, value)
+    return nested
+
+
 def load_yaml(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.exists():

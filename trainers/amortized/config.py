@@ -18,7 +18,7 @@ from trainers.amortized.generators import GeneratorConfig, HyperINGPConfig
 from trainers.amortized.prompt_library import PromptSource
 from trainers.cameras import CameraConfig
 from trainers.config import LossConfig
-from trainers.config_base import ConfigBase, build_config, deep_merge, load_yaml, parse_overrides, set_dotted
+from trainers.config_base import ConfigBase, build_config, config_source, deep_merge, overrides_tree
 from trainers.guidance import GuidanceConfig
 from trainers.priors.base import PriorConfig
 from trainers.rendering import BackgroundConfig, RendererConfig
@@ -130,24 +130,14 @@ def load_amortized_config(
     """A YAML path or a dict, then dotted overrides (strings "a.b=1" or a {"a.b": 1} mapping).
 
     A relative `prompts.path` in a YAML file is read against the file's folder."""
-    if source is None:
-        data: dict[str, Any] = {}
-        where = "the defaults"
-    elif isinstance(source, Mapping):
-        data, where = dict(source), "the config"
-    else:
-        data, where = load_yaml(source), str(source)
+    data, where = config_source(source)
+    if source is not None and not isinstance(source, Mapping):
         path = (data.get("prompts") or {}).get("path")
         if isinstance(path, str) and not Path(path).expanduser().is_absolute():
             candidate = Path(source).resolve().parent / path
             if candidate.exists():
                 data["prompts"] = {**data["prompts"], "path": str(candidate)}
-    if isinstance(overrides, Mapping):
-        nested: dict[str, Any] = {}
-        for key, value in overrides.items():
-            set_dotted(nested, key, value)
-    else:
-        nested = parse_overrides(overrides)
+    nested = overrides_tree(overrides)
     if nested:
         where = f"{where} with overrides"
     merged = deep_merge(data, nested)
