@@ -67,6 +67,22 @@ class TrainResult:
     artifacts: list[Path] = field(default_factory=list)
 
 
+def loss_terms(guided, opacity: torch.Tensor, loss_cfg, step: int) -> dict[str, torch.Tensor]:
+    """The step's loss terms: guidance (and its own, e.g. VSD's LoRA loss) plus the opacity regularisers;
+    NonFiniteLossError names the first term that is not finite. Shared by the per-prompt and amortized loops."""
+    opacity = opacity.clamp(1e-5, 1 - 1e-5)
+    terms = {"guidance": guided.loss, **guided.extra_losses}
+    if loss_cfg.lambda_sparsity > 0:
+        terms["sparsity"] = loss_cfg.lambda_sparsity * opacity.mean()
+    if loss_cfg.lambda_opacity > 0:
+        entropy = -(opacity * opacity.log() + (1 - opacity) * (1 - opacity).log()).mean()
+        terms["opacity"] = loss_cfg.lambda_opacity * entropy
+    for name, value in terms.items():
+        if not torch.isfinite(value).all():
+            raise NonFiniteLossError(step, name, float(value.detach()))
+    return terms
+
+
 def reported_metrics(config: TrainConfig) -> set[str]:
     """Every metric name `train` reports for this config (orchestrators validate objectives against it)."""
     names = {"train/loss", "train/loss_guidance", "train/grad_norm", "train/t", "train/t_min", "train/t_max"}
@@ -179,16 +195,7 @@ class Trainer:
             generator=self.generator,
             cameras=cameras,
         )
-        opacity = out["opacity"].clamp(1e-5, 1 - 1e-5)
-        terms = {"guidance": guided.loss, **guided.extra_losses}
-        if cfg.loss.lambda_sparsity > 0:
-            terms["sparsity"] = cfg.loss.lambda_sparsity * opacity.mean()
-        if cfg.loss.lambda_opacity > 0:
-            entropy = -(opacity * opacity.log() + (1 - opacity) * (1 - opacity).log()).mean()
-            terms["opacity"] = cfg.loss.lambda_opacity * entropy
-        for name, value in terms.items():
-            if not torch.isfinite(value).all():
-                raise NonFiniteLossError(self.step, name, float(value.detach()))
+        terms = loss_terms(guided, out["opacity"], cfg.loss, self.step)
         total = sum(terms.values())
         self.optimizer.zero_grad(set_to_none=True)
         total.backward()

@@ -57,7 +57,7 @@ from trainers.checkpoint import (
 from trainers.config import config_to_dict
 from trainers.evaluation import ground_truth as scene_metrics
 from trainers.guidance import make_guidance
-from trainers.per_prompt import NonFiniteLossError, TrainResult, seed_everything
+from trainers.per_prompt import TrainResult, loss_terms, seed_everything
 from trainers.priors import load_prior, resolve_device
 from trainers.priors.base import DiffusionPrior, default_cache_dir
 from trainers.reference.config import REFERENCE_PRIORS
@@ -406,16 +406,7 @@ class AmortizedTrainer:
             generator=self.rng,
             cameras=cameras,
         )
-        opacity = out["opacity"].clamp(1e-5, 1 - 1e-5)
-        terms = {"guidance": guided.loss, **guided.extra_losses}
-        if cfg.loss.lambda_sparsity > 0:
-            terms["sparsity"] = cfg.loss.lambda_sparsity * opacity.mean()
-        if cfg.loss.lambda_opacity > 0:
-            entropy = -(opacity * opacity.log() + (1 - opacity) * (1 - opacity).log()).mean()
-            terms["opacity"] = cfg.loss.lambda_opacity * entropy
-        for name, value in terms.items():
-            if not torch.isfinite(value).all():
-                raise NonFiniteLossError(self.step, name, float(value.detach()))
+        terms = loss_terms(guided, out["opacity"], cfg.loss, self.step)
         total = sum(terms.values())
         self.optimizer.zero_grad(set_to_none=True)
         total.backward()  # DDP averages the model's gradients over ranks here
