@@ -180,18 +180,26 @@ def posterior_mean(
     prior = scenes.log_weights[None] + view_log_prior.to(torch.float64).view(-1, 1, v, 1)
     prior = prior.flatten(1, 2).expand(b, -1, -1)  # [b, G·V, K]
     blocks = candidate_blocks(scenes, y, s, sigma2, prior)
-    maps, coefficients = scenes.maps.view(g * v, m, p), scenes.coefficients.repeat_interleave(v, dim=0)
-    norms = scenes.norms.flatten(0, 1)
+    maps, norms = scenes.maps.view(g * v, m, p), scenes.norms.flatten(0, 1)
     if blocks is not None:  # a gather costs a pass over what it keeps: only worth it for a few blocks
-        maps, coefficients, norms, prior = maps[blocks], coefficients[blocks], norms[blocks], prior[:, blocks]
+        maps, norms, prior = maps[blocks], norms[blocks], prior[:, blocks]
     n = maps.shape[0]
     projections = (maps.reshape(-1, p) @ y.to(maps.dtype).permute(2, 0, 1).reshape(p, b * 3)).double()
-    cross = torch.einsum("nmbc,nkmc->bnk", projections.view(n, m, b, 3), coefficients)
+    # Every block: contract per (layout, view), so the colourings' coefficients are not copied per view.
+    if blocks is None:
+        cross = torch.einsum("gvmbc,gkmc->bgvk", projections.view(g, v, m, b, 3), scenes.coefficients)
+        cross = cross.flatten(1, 2)
+    else:
+        coefficients = scenes.coefficients[blocks // v]  # [n, K, m, 3]
+        cross = torch.einsum("nmbc,nkmc->bnk", projections.view(n, m, b, 3), coefficients)
     sq_dist = y.pow(2).sum(dim=(1, 2)).view(b, 1, 1) - 2 * s * cross + s.pow(2) * norms[None]
     logits = prior - sq_dist / (2 * sigma2)
     weights = torch.softmax(logits.reshape(b, -1), dim=-1).view(b, n, -1)
-    per_map = torch.einsum("bnk,nkmc->bcnm", weights, coefficients).reshape(b * 3, -1)
-    return (per_map.to(maps.dtype) @ maps.reshape(-1, p)).double().view(b, 3, p)
+    if blocks is None:
+        per_map = torch.einsum("bgvk,gkmc->bcgvm", weights.view(b, g, v, -1), scenes.coefficients)
+    else:
+        per_map = torch.einsum("bnk,nkmc->bcnm", weights, coefficients)
+    return (per_map.reshape(b * 3, -1).to(maps.dtype) @ maps.reshape(-1, p)).double().view(b, 3, p)
 
 
 def candidate_blocks(
@@ -235,7 +243,7 @@ def exact_block_logits(scenes, y, s, sigma2, prior, blocks) -> torch.Tensor:
     g, v, m, p = scenes.maps.shape
     maps = scenes.maps.view(g * v, m, p)[blocks].double()  # [b, m, P]
     projections = torch.einsum("bmp,bcp->bmc", maps, y)
-    coefficients = scenes.coefficients.repeat_interleave(v, dim=0)[blocks]  # [b, K, m, 3]
+    coefficients = scenes.coefficients[blocks // v]  # [b, K, m, 3]: block g·V + v is layout g
     cross = torch.einsum("bmc,bkmc->bk", projections, coefficients)
     norms = scenes.norms.flatten(0, 1)[blocks]
     sq_dist = y.pow(2).sum(dim=(1, 2))[:, None] - 2 * s.view(-1, 1) * cross + s.view(-1, 1).pow(2) * norms
