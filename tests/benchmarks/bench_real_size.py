@@ -11,17 +11,22 @@ method trains its own 3D model for --warmup + --steps steps; the median step tim
   -> 512 px -> VAE path by default), UNet (every UNet forward of the step, VSD's LoRA ones included),
   backward (loss.backward(): through the VAE encoder, the renderer and VSD's LoRA), other (optimizer,
   noise, text lookups). CUDA timings synchronize at each boundary, so the parts add up to the step;
-- peak memory while the method ran: on CUDA torch's peak allocated bytes; on the CPU the peak resident
-  set of the process (the shared prior's weights included), sampled every 5 ms.
+- peak memory while the method's steps ran: on CUDA torch's peak allocated bytes; on the CPU the peak
+  resident set of the process (the shared prior's weights and all four 3D models included), sampled every
+  5 ms after handing freed heap back to the system, so one method's peak is not another's leftover.
 
-Methods run one after another, VSD last: its LoRA wraps the shared UNet's attention layers, which would
-otherwise slow the other methods' UNet forwards. Targets: ASD <= 1.5 x SDS (3 against 2 batched UNet
-rows; the ratio is lower when the VAE and renderer are a large share of the step) and VSD above ASD.
+The methods run side by side, one step each per round, the order reversed every other round (SDS CSD ASD
+VSD, then VSD ASD CSD SDS): a drift in the machine's load hits every method alike instead of whichever ran
+last, and the ratios are measured in one run. VSD's LoRA stays on the shared UNet throughout, switched off
+outside VSD's own calls (peft then calls the base layers directly). Targets: ASD <= 1.5 x SDS (3 against 2
+batched UNet rows; the ratio is lower when the VAE and renderer are a large share of the step) and VSD
+above ASD.
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import os
 import platform
@@ -97,7 +102,7 @@ class StepClock:
 
 
 class PeakMemory:
-    """Peak memory over a block: CUDA's allocator peak, or the CPU process's sampled resident set."""
+    """Peak memory over blocks: CUDA's allocator peak, or the CPU process's sampled resident set."""
 
     def __init__(self, device: torch.device):
         self.device = device
@@ -108,15 +113,25 @@ class PeakMemory:
         with open("/proc/self/statm") as statm:
             return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
+    @staticmethod
+    def release_freed_heap() -> None:
+        """glibc keeps freed blocks resident; trimming them makes the next block's RSS peak its own."""
+        try:
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        except (OSError, AttributeError):  # not glibc: the peak may include earlier blocks' freed memory
+            pass
+
     @contextmanager
     def measure(self):
+        """Raise peak_bytes to this block's peak (it accumulates over the blocks measured)."""
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
             yield
             torch.cuda.synchronize(self.device)
-            self.peak_bytes = torch.cuda.max_memory_allocated(self.device)
+            self.peak_bytes = max(self.peak_bytes, torch.cuda.max_memory_allocated(self.device))
             return
+        self.release_freed_heap()
         stop = threading.Event()
         peak = [self.rss_bytes()]
 
@@ -131,43 +146,60 @@ class PeakMemory:
         finally:
             stop.set()
             sampler.join()
-            self.peak_bytes = max(peak[0], self.rss_bytes())
+            self.peak_bytes = max(self.peak_bytes, peak[0], self.rss_bytes())
 
 
-def run_method(method: str, base: list[str], prior, device, steps: int, warmup: int) -> dict:
-    config = load_train_config(None, [*base, f"guidance.method={method}"])
-    trainer = Trainer(config, prior)
+class MethodRun:
+    """One method's trainer and what its steps measured."""
+
+    def __init__(self, method: str, base: list[str], prior, device: torch.device):
+        self.method = method
+        self.trainer = Trainer(load_train_config(None, [*base, f"guidance.method={method}"]), prior)
+        self.memory = PeakMemory(device)
+        self.step_times: list[float] = []
+        self.splits: list[dict[str, float]] = []
+
+    def step(self, clock: StepClock, timed: bool, label: str) -> None:
+        clock.parts.clear()
+        with self.memory.measure():
+            clock.sync()
+            start = time.perf_counter()
+            self.trainer.training_step()
+            clock.sync()
+            elapsed = time.perf_counter() - start
+        if timed:
+            self.step_times.append(elapsed)
+            split = {part: clock.parts.get(part, 0.0) for part in PARTS}
+            split["other"] = elapsed - sum(split.values())
+            self.splits.append(split)
+        print(f"  {self.method} step {label}: {elapsed:.2f} s", file=sys.stderr, flush=True)
+
+    def result(self) -> dict:
+        return {
+            "step_s": statistics.median(self.step_times),
+            "step_times_s": self.step_times,
+            "split_s": {part: statistics.median(s[part] for s in self.splits) for part in (*PARTS, "other")},
+            "peak_memory_bytes": self.memory.peak_bytes,
+        }
+
+
+def run_side_by_side(methods: list[str], base: list[str], prior, device, steps: int, warmup: int) -> dict:
+    """Round-robin over the methods, one step each per round, the order reversed every other round."""
+    runs = [MethodRun(method, base, prior, device) for method in methods]
     clock = StepClock(device)
-    trainer.renderer.render = clock.wrap("render", trainer.renderer.render)
     prior.encode_images = clock.wrap("vae", prior.encode_images)
-    memory = PeakMemory(device)
-    step_times: list[float] = []
-    splits: list[dict[str, float]] = []
     try:
-        with memory.measure(), clock.module("unet", prior.unet), clock.backward():
+        with clock.module("unet", prior.unet), clock.backward():
+            for run in runs:  # the renderer is each trainer's own
+                run.trainer.renderer.render = clock.wrap("render", run.trainer.renderer.render)
             for i in range(warmup + steps):
-                clock.parts.clear()
-                clock.sync()
-                start = time.perf_counter()
-                trainer.training_step()
-                clock.sync()
-                elapsed = time.perf_counter() - start
-                if i >= warmup:
-                    step_times.append(elapsed)
-                    split = {part: clock.parts.get(part, 0.0) for part in PARTS}
-                    split["other"] = elapsed - sum(split.values())
-                    splits.append(split)
-                print(
-                    f"  {method} step {i + 1}/{warmup + steps}: {elapsed:.2f} s", file=sys.stderr, flush=True
-                )
+                for run in runs if i % 2 == 0 else reversed(runs):
+                    run.step(clock, timed=i >= warmup, label=f"{i + 1}/{warmup + steps}")
     finally:
         del prior.encode_images  # the instance attribute: the class method shows through again
-        trainer.close()
-    return {
-        "step_s": statistics.median(step_times),
-        "split_s": {part: statistics.median(s[part] for s in splits) for part in (*PARTS, "other")},
-        "peak_memory_bytes": memory.peak_bytes,
-    }
+        for run in runs:
+            run.trainer.close()
+    return {run.method: run.result() for run in runs}
 
 
 def main() -> None:
@@ -188,8 +220,8 @@ def main() -> None:
     prior = load_prior(config.prior, device)
     load_s = time.perf_counter() - start
     baseline = PeakMemory.rss_bytes() if device.type == "cpu" else torch.cuda.memory_allocated(device)
-    methods = [m for m in METHODS if m in args.methods.split(",")]  # VSD last, whatever the order given
-    results = {m: run_method(m, base, prior, device, args.steps, args.warmup) for m in methods}
+    methods = [m for m in METHODS if m in args.methods.split(",")]
+    results = run_side_by_side(methods, base, prior, device, args.steps, args.warmup)
 
     describe = prior.describe()
     header = (
@@ -198,7 +230,7 @@ def main() -> None:
         f"{torch.get_num_threads()} threads) dtype={describe['dtype']} image_size={describe['image_size']} "
         f"encoder={describe.get('encoder')} attention={describe.get('attention')} "
         f"channels_last={describe.get('channels_last')} compile_unet={describe.get('compile_unet')} "
-        f"torch={torch.__version__} steps={args.steps} warmup={args.warmup} (medians)"
+        f"torch={torch.__version__} steps={args.steps} warmup={args.warmup} (medians; methods side by side)"
     )
     memory_label = "peak GPU alloc" if device.type == "cuda" else "peak RSS"
     print(header)
