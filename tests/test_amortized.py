@@ -12,6 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
+from tests.test_train import assert_names_the_memory_keys, exhausted
 from trainers.amortized.config import load_amortized_config
 from trainers.amortized.generators import Conv3DConfig, HyperINGPConfig, make_generator
 from trainers.amortized.loop import (
@@ -31,6 +32,7 @@ from trainers.amortized.prompt_library import (
 )
 from trainers.checkpoint import latest_checkpoint, load_checkpoint
 from trainers.geometry.hash_grid import HashGridConfig
+from trainers.priors.base import PriorOutOfMemoryError
 from trainers.reference.scenes import prompt_split
 from trainers.reference.text_encoder import SceneTextEncoder, TextEncoderConfig
 
@@ -346,3 +348,13 @@ def test_a_hyper_background_gives_each_prompt_its_own_backdrop(tmp_path, tiny_sd
     # The empty corners of the image are pure background: different per prompt.
     corner = views["rgb"][:, 0, 0]
     assert not torch.allclose(corner[:n], corner[n:])
+
+
+def test_out_of_memory_in_the_backward_names_the_config_keys_that_reduce_memory(
+    tmp_path, tiny_sd_prior, monkeypatch
+):
+    trainer = AmortizedTrainer(tiny(tmp_path), tiny_sd_prior, progress=False)
+    monkeypatch.setattr(torch.Tensor, "backward", exhausted)
+    with pytest.raises(PriorOutOfMemoryError) as caught:
+        trainer.training_step()
+    assert_names_the_memory_keys(caught.value, "the backward pass of step 0")

@@ -8,6 +8,7 @@ import torch
 from trainers.checkpoint import latest_checkpoint, list_checkpoints
 from trainers.config import load_train_config
 from trainers.per_prompt import NonFiniteLossError, Trainer, reported_metrics, train
+from trainers.priors.base import PriorOutOfMemoryError
 
 # Small but real: hash grid, nerfacc rendering, tiny-sd UNet + VAE + CLIP text encoder.
 TINY = [
@@ -116,3 +117,36 @@ def test_non_finite_loss_stops_with_the_step_and_the_term(tmp_path, tiny_sd_prio
         trainer.training_step()
     assert info.value.step == 1 and info.value.term == "guidance"
     trainer.close()
+
+
+def exhausted(*args, **kwargs):
+    """Stands in for the CUDA allocator running out (it raises torch.OutOfMemoryError)."""
+    raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+
+def assert_names_the_memory_keys(error: PriorOutOfMemoryError, where: str) -> None:
+    message = str(error)
+    assert isinstance(error, torch.OutOfMemoryError)  # code catching OOM still catches it
+    assert f"out of memory in {where}" in message and "Tried to allocate 2.00 GiB" in message
+    for key in ("batch_size", "resolution", "prior.encoder=linear", "prior.image_size", "prior.dtype"):
+        assert key in message
+
+
+@pytest.mark.parametrize(
+    "where,patched",
+    [
+        ("the forward pass of step 1 (render and guidance)", lambda trainer: (trainer.renderer, "render")),
+        ("the backward pass of step 1", lambda trainer: (torch.Tensor, "backward")),
+        ("the optimizer step of step 1", lambda trainer: (trainer.optimizer, "step")),
+    ],
+)
+def test_out_of_memory_anywhere_in_a_step_names_the_config_keys_that_reduce_memory(
+    tmp_path, tiny_sd_prior, monkeypatch, where, patched
+):
+    trainer = Trainer(tiny_config(tmp_path), tiny_sd_prior)
+    trainer.training_step()
+    monkeypatch.setattr(*patched(trainer), exhausted)
+    with pytest.raises(PriorOutOfMemoryError) as caught:
+        trainer.training_step()
+    trainer.close()
+    assert_names_the_memory_keys(caught.value, where)

@@ -39,7 +39,7 @@ from trainers.config import TrainConfig, config_to_dict
 from trainers.geometry.implicit_volume import ImplicitVolume
 from trainers.guidance import Guidance, make_guidance
 from trainers.priors import load_prior, resolve_device
-from trainers.priors.base import DiffusionPrior
+from trainers.priors.base import DiffusionPrior, out_of_memory_hint
 from trainers.rendering import Background, VolumeRenderer
 from trainers.visualize import save_render_grid, save_turntable
 
@@ -81,6 +81,25 @@ def loss_terms(guided, opacity: torch.Tensor, loss_cfg, step: int) -> dict[str, 
         if not torch.isfinite(value).all():
             raise NonFiniteLossError(step, name, float(value.detach()))
     return terms
+
+
+def optimize(
+    total: torch.Tensor,
+    optimizer: torch.optim.Optimizer,
+    step: int,
+    reduce_grads: Callable[[], None] | None = None,
+) -> None:
+    """Backward and update for one step; running out of memory in either raises the error that names the
+    config keys reducing memory. `reduce_grads` runs in between (the amortized loop's cross-rank average).
+    Shared by the per-prompt and amortized loops."""
+    optimizer.zero_grad(set_to_none=True)
+    # The backward holds the forward's activations: the VAE encoder's at image_size and the renderer's.
+    with out_of_memory_hint(f"the backward pass of step {step}"):
+        total.backward()
+    if reduce_grads is not None:
+        reduce_grads()
+    with out_of_memory_hint(f"the optimizer step of step {step}"):
+        optimizer.step()
 
 
 def reported_metrics(config: TrainConfig) -> set[str]:
@@ -182,24 +201,23 @@ class Trainer:
         self.renderer.train()
         self.renderer.update_step(self.step)
         cameras = self.cameras.sample(cfg.batch_size, self.generator).to(self.device)
-        out = self.renderer.render(
-            cameras, cfg.resolution, cfg.resolution, train=True, generator=self.generator
-        )
-        images = out["rgb"].permute(0, 3, 1, 2)
-        cond = self.text.for_views(cameras.elevation, cameras.azimuth, cfg.camera)
-        guided = self.guidance(
-            images,
-            cond,
-            self.text.uncond,
-            step=self.step,
-            generator=self.generator,
-            cameras=cameras,
-        )
+        with out_of_memory_hint(f"the forward pass of step {self.step} (render and guidance)"):
+            out = self.renderer.render(
+                cameras, cfg.resolution, cfg.resolution, train=True, generator=self.generator
+            )
+            images = out["rgb"].permute(0, 3, 1, 2)
+            cond = self.text.for_views(cameras.elevation, cameras.azimuth, cfg.camera)
+            guided = self.guidance(
+                images,
+                cond,
+                self.text.uncond,
+                step=self.step,
+                generator=self.generator,
+                cameras=cameras,
+            )
         terms = loss_terms(guided, out["opacity"], cfg.loss, self.step)
         total = sum(terms.values())
-        self.optimizer.zero_grad(set_to_none=True)
-        total.backward()
-        self.optimizer.step()
+        optimize(total, self.optimizer, self.step)
         self.step += 1
 
         t_min, t_max = self.guidance.timestep_range(self.step - 1)

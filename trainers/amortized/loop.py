@@ -57,9 +57,9 @@ from trainers.checkpoint import (
 from trainers.config import config_to_dict
 from trainers.evaluation import ground_truth as scene_metrics
 from trainers.guidance import make_guidance
-from trainers.per_prompt import TrainResult, loss_terms, seed_everything
+from trainers.per_prompt import TrainResult, loss_terms, optimize, seed_everything
 from trainers.priors import load_prior, resolve_device
-from trainers.priors.base import DiffusionPrior, default_cache_dir
+from trainers.priors.base import DiffusionPrior, default_cache_dir, out_of_memory_hint
 from trainers.reference.config import REFERENCE_PRIORS
 from trainers.reference.scenes import is_scene_prompt, prompt_split, scene_cache_dir
 from trainers.rendering import Background, VolumeRenderer
@@ -386,32 +386,31 @@ class AmortizedTrainer:
         if self.model.generator.noise_dim:
             noise = torch.randn(batch, self.model.generator.noise_dim, generator=self.rng).to(self.device)
         cameras = self.cameras.sample(batch, self.rng).to(self.device)
-        out = self.ddp(text, noise, cameras, cfg.resolution, True, self.rng)
-        images = out["rgb"].permute(0, 3, 1, 2)
-        # Weight-0 rows (filler, see epoch_batches) keep their value but pass no gradient.
-        weight = torch.tensor(weights, device=images.device).view(-1, 1, 1, 1)
-        images = weight * images + (1 - weight) * images.detach()
-        prompts = [self.prompts[i] for i in indices]
-        self._batch_prompts = prompts
-        if cfg.camera.view_dependent_prompting:
-            labels = view_direction_labels(cameras.elevation, cameras.azimuth, cfg.camera)
-            prompts = [view_dependent_prompt(p, label) for p, label in zip(prompts, labels, strict=True)]
-        with torch.no_grad():
-            cond = self.prior.encode_text(prompts)
-        guided = self.guidance(
-            images,
-            cond,
-            self.uncond,
-            step=self.step,
-            generator=self.rng,
-            cameras=cameras,
-        )
+        with out_of_memory_hint(f"the forward pass of step {self.step} (generator, render and guidance)"):
+            out = self.ddp(text, noise, cameras, cfg.resolution, True, self.rng)
+            images = out["rgb"].permute(0, 3, 1, 2)
+            # Weight-0 rows (filler, see epoch_batches) keep their value but pass no gradient.
+            weight = torch.tensor(weights, device=images.device).view(-1, 1, 1, 1)
+            images = weight * images + (1 - weight) * images.detach()
+            prompts = [self.prompts[i] for i in indices]
+            self._batch_prompts = prompts
+            if cfg.camera.view_dependent_prompting:
+                labels = view_direction_labels(cameras.elevation, cameras.azimuth, cfg.camera)
+                prompts = [view_dependent_prompt(p, label) for p, label in zip(prompts, labels, strict=True)]
+            with torch.no_grad():
+                cond = self.prior.encode_text(prompts)
+            guided = self.guidance(
+                images,
+                cond,
+                self.uncond,
+                step=self.step,
+                generator=self.rng,
+                cameras=cameras,
+            )
         terms = loss_terms(guided, out["opacity"], cfg.loss, self.step)
         total = sum(terms.values())
-        self.optimizer.zero_grad(set_to_none=True)
-        total.backward()  # DDP averages the model's gradients over ranks here
-        self._average_guidance_grads()
-        self.optimizer.step()
+        # DDP averages the model's gradients over ranks in the backward; VSD's score is averaged by hand.
+        optimize(total, self.optimizer, self.step, reduce_grads=self._average_guidance_grads)
         self.step += 1
 
         t_min, t_max = self.guidance.timestep_range(self.step - 1)
