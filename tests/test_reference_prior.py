@@ -207,7 +207,8 @@ def test_rows_mixed_by_guidance_are_denoised_each_against_its_own_prompt(prior):
     one_by_one = torch.cat(
         [prior.predict_noise(x_t[i : i + 1], t[i : i + 1], rows[i : i + 1]) for i in range(4)]
     )
-    assert torch.allclose(together, one_by_one, atol=1e-5)
+    # Up to float32 rounding: BLAS sums a 2-row product in another order than a 1-row one.
+    assert torch.allclose(together, one_by_one, atol=5e-5)
     assert not torch.allclose(together[0], together[1])
 
 
