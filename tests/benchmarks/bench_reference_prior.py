@@ -7,8 +7,9 @@
   distances by direct differences row by row;
 - now: the basis form over the whole library (4,560 prompts × 16 views), both priors.
 Each call is ASD's batch of 3 rows (uncond and cond at t, cond at t+Δt) on a noised render of the
-prompt, at t spread over [20, 980] as training draws it (the cost depends on t: at low t the pruning
-bound leaves out most of the library), with a 1-thread torch. It also
+prompt, at t spread over [20, 980] as training draws it (the cost depends on t: up to t ≈ 600 the
+pruning bound leaves out most of the library), with a 1-thread torch. The three are timed interleaved,
+call by call, so that load changes hit them alike. It also
 prints the basis form's largest error against the explicit float64 closed form on the same renders.
 The first run renders the library's basis maps into the cache (minutes at 64 px; not timed).
 """
@@ -69,14 +70,6 @@ class BeforePrior:
         )
 
 
-def timed(fn, calls: int) -> float:
-    fn()
-    start = time.perf_counter()
-    for _ in range(calls):
-        fn()
-    return (time.perf_counter() - start) / calls * 1000
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -108,13 +101,27 @@ def bench_size(size: int, calls: int, cache_dir) -> None:
         inputs.append((alpha.sqrt() * x0 + (1 - alpha).sqrt() * noise, steps))
     cameras = reference_cameras(1).c2w.reshape(1, 16).repeat(3, 1)
     before = BeforePrior(size, cache_dir, text_prior.alphas_cumprod)
-    base = timed(lambda: [before.predict_noise(x, t) for x, t in inputs], 1) / calls
+    calls_of = {
+        "before": lambda x, t: before.predict_noise(x, t),
+        "reference": lambda x, t: text_prior.predict_noise(x, t, rows),
+        "reference-mv": lambda x, t: mv_prior.predict_noise(x, t, rows, class_labels=cameras),
+    }
+    # Interleaved: each input goes through the three in turn (the order rotating), so that a change in
+    # the machine's load during the run hits all three alike.
+    seconds = dict.fromkeys(calls_of, 0.0)
+    for call in calls_of.values():  # warm-up
+        call(*inputs[0])
+    for index, (x, t) in enumerate(inputs):
+        names = list(calls_of)
+        for name in names[index % 3 :] + names[: index % 3]:
+            start = time.perf_counter()
+            calls_of[name](x, t)
+            seconds[name] += time.perf_counter() - start
+    base = seconds["before"] / calls * 1000
     print(f"{size:>5} {'before':<14} {base:>10.1f} {1.0:>9.2f} {'':>22}")
-    for name, prior, labels in (("reference", text_prior, None), ("reference-mv", mv_prior, cameras)):
-        ms = timed(
-            lambda p=prior, c=labels: [p.predict_noise(x, t, rows, class_labels=c) for x, t in inputs], 1
-        )
-        print(f"{size:>5} {name:<14} {ms / calls:>10.1f} {ms / calls / base:>9.2f} {accuracy(prior):>22.2e}")
+    for name, prior in (("reference", text_prior), ("reference-mv", mv_prior)):
+        ms = seconds[name] / calls * 1000
+        print(f"{size:>5} {name:<14} {ms:>10.1f} {ms / base:>9.2f} {accuracy(prior):>22.2e}")
 
 
 def accuracy(prior: ReferencePrior) -> float:
