@@ -190,11 +190,19 @@ def test_a_sweep_with_no_finished_trial_says_so_and_still_shows_what_exists(work
     assert "The plots appear once a trial has finished." in page
 
 
-def test_the_report_holds_the_top_k_the_worst_and_the_study_and_goes_to_the_parent_run(workspace, tmp_path):
+def test_the_report_holds_the_top_k_the_worst_and_the_study_and_goes_to_the_parent_run(
+    workspace, tmp_path, capsys
+):
     out = tmp_path / "asd"
     assert (
         main(["report", "asd", "--top", "2", "--workspace", str(workspace.root), "--output", str(out)]) == 0
     )
+    record = workspace.record("asd")
+    # and says how to browse the sweep's runs (mlflow ui with dreamsweep's app: tests/test_mlflow_app.py)
+    assert (
+        f"asd in MLflow: mlflow ui --backend-store-uri {record.stores.mlflow_uri} --app-name dreamsweep, "
+        f"then #/experiments/{record.experiment_id}"
+    ) in capsys.readouterr().out
     page = (out / "index.html").read_text()
     best, second, worst = (r["run_id"] for r in _rows(workspace, "asd"))
     assert page.index(">best<") < page.index(">#2<") < page.index(">worst<")
@@ -208,7 +216,6 @@ def test_the_report_holds_the_top_k_the_worst_and_the_study_and_goes_to_the_pare
     sources = re.findall(r'(?:src|href)="([^"]*)"', page)
     assert sources and all(s.startswith("data:") for s in sources)  # self-contained: works offline
     assert page.count('src="data:image/png;base64,') >= 4 + 3  # 4 plots, a validation grid per trial
-    record = workspace.record("asd")
     client = mlflow.MlflowClient(record.stores.mlflow_uri)
     assert "report/index.html" in {a.path for a in client.list_artifacts(record.parent_run_id, "report")}
 

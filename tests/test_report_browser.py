@@ -3,12 +3,14 @@ it), on a small sweep of the real trainer (reference prior, 16 px, a few steps),
 real turntables and validation grids.
 
 - The report page: every image loads (none broken) and its screenshot is not blank.
-- `mlflow ui` on the sweep's store, started here on 127.0.0.1: the experiment shows the sweep's parent
-  run with its nested trial runs.
+- `mlflow ui --app-name dreamsweep` on the sweep's store, started here on 127.0.0.1: the experiment's
+  plain address opens on its runs (not MLflow's GenAI traces) and shows the sweep's parent run with its
+  nested trial runs.
 
 Set DREAMSWEEP_SCREENSHOTS=DIR to keep both screenshots (docs/ holds the ones from this test).
 """
 
+import contextlib
 import html
 import json
 import os
@@ -23,6 +25,7 @@ import time
 import urllib.request
 from functools import partial
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+from importlib.metadata import entry_points
 from pathlib import Path
 
 import mlflow
@@ -164,10 +167,12 @@ def test_every_image_of_the_report_loads_and_the_page_is_not_blank(sweep, http_r
 
 @pytest.fixture
 def mlflow_ui(sweep, tmp_path):
+    apps = {e.name for e in entry_points(group="mlflow.app")}
+    assert "dreamsweep" in apps, "dreamsweep's `mlflow.app` entry point is not installed: pip install -e ."
     port = free_port()
     command = [
         sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", sweep.record("browser").stores.mlflow_uri,
-        "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+        "--host", "127.0.0.1", "--port", str(port), "--workers", "1", "--app-name", "dreamsweep",
     ]  # fmt: skip
     log = open(tmp_path / "ui.log", "w")
     # its own process group: `mlflow ui` runs its web server in a child process, stopped with it
@@ -182,7 +187,8 @@ def mlflow_ui(sweep, tmp_path):
         except OSError:
             pass
         if server.poll() is not None or time.monotonic() > deadline:
-            os.killpg(server.pid, signal.SIGKILL)
+            with contextlib.suppress(ProcessLookupError):  # the whole group may be gone already
+                os.killpg(server.pid, signal.SIGKILL)
             pytest.fail(f"mlflow ui did not start: {(tmp_path / 'ui.log').read_text()[-2000:]}")
         time.sleep(0.5)
     yield url
@@ -200,9 +206,9 @@ def test_mlflow_ui_shows_the_sweep_as_a_parent_run_with_nested_trial_runs(sweep,
     runs = client.search_runs([record.experiment_id])
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == record.parent_run_id]
     assert len(runs) == 1 + TRIALS and len(children) == TRIALS
-    # MLflow 3.17's UI opens every experiment as a GenAI one (traces) unless "Model training" is
-    # picked; `workflowType=machine_learning` picks it (the link `dreamsweep report` prints).
-    page = f"{mlflow_ui}/#/experiments/{record.experiment_id}?workflowType=machine_learning"
+    # the plain address, in a fresh browser: a plain `mlflow ui` would open it on its GenAI traces
+    # ("Traces 0", "No data available"); dreamsweep's app opens it on its runs
+    page = f"{mlflow_ui}/#/experiments/{record.experiment_id}"
     for _ in range(3):  # the server's first requests can outlast the browser's wait: ask again
         dom = chromium(
             "--window-size=1400,900", "--virtual-time-budget=30000", "--dump-dom", page, tmp=tmp_path
