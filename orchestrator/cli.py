@@ -358,10 +358,16 @@ def cmd_report(args) -> int:
     workspace = Workspace(args.workspace)
     page = write_report(args.names, workspace, top=args.top, output=args.output, force=args.force)
     print(f"wrote {page} (also logged to the parent MLflow run of {', '.join(args.names)})")
+    # A plain `mlflow ui` opens every experiment on its GenAI traces until "Model training" is picked in
+    # the browser; dreamsweep's app picks it for a fresh browser (orchestrator/track/mlflow_app.py). A
+    # tracking server someone else runs may be a plain one: its links say so themselves.
     for name in args.names:
-        # MLflow 3.17's UI opens an experiment as a GenAI one (traces) unless "Model training" is picked.
-        experiment = workspace.record(name).experiment_id
-        print(f"in `mlflow ui`: #/experiments/{experiment}?workflowType=machine_learning  ({name}'s runs)")
+        record = workspace.record(name)
+        uri, page = record.stores.mlflow_uri, f"#/experiments/{record.experiment_id}"
+        if uri.startswith(("http://", "https://")):
+            print(f"{name} in MLflow: {uri.rstrip('/')}/{page}?workflowType=machine_learning")
+        else:
+            print(f"{name} in MLflow: mlflow ui --backend-store-uri {uri} --app-name dreamsweep, then {page}")
     return 0
 
 

@@ -98,6 +98,24 @@ def _cluster_schema() -> None:
     assert "available_node_types" in schema["properties"], "ray-schema.json available_node_types"
 
 
+def _mlflow_server() -> None:
+    # orchestrator.track.mlflow_app edits the page of MLflow's index view and wraps its Flask app.
+    import inspect
+
+    from mlflow.environment_variables import _MLFLOW_SGI_NAME
+    from mlflow.server import app
+    from mlflow.server.fastapi_app import create_fastapi_app
+
+    assert MLFLOW_UI_PAGE_ENDPOINT in app.view_functions, (
+        f"mlflow.server.app views: {sorted(app.view_functions)}"
+    )
+    assert any(
+        r.endpoint == MLFLOW_UI_PAGE_ENDPOINT and r.rule.endswith("/") for r in app.url_map.iter_rules()
+    )
+    assert _MLFLOW_SGI_NAME.name == "_MLFLOW_SGI_NAME", "mlflow.environment_variables._MLFLOW_SGI_NAME"
+    assert list(inspect.signature(create_fastapi_app).parameters) == ["flask_app"], "create_fastapi_app"
+
+
 PRIVATE_DETAILS: dict[str, Callable[[], None]] = {
     "ray.train._internal.session._TrainingResult(checkpoint, metrics)": _training_result,
     "ray.train._internal.checkpoint_manager._CheckpointManager._checkpoint_results": _checkpoint_manager,
@@ -106,6 +124,7 @@ PRIVATE_DETAILS: dict[str, Callable[[], None]] = {
     "optuna.Study._storage.get_trial_id_from_study_id_trial_number": _optuna_storage,
     "ray._private.runtime_env.packaging.GCS_STORAGE_MAX_SIZE": _package_limit,
     "ray/autoscaler/ray-schema.json": _cluster_schema,
+    "mlflow.server: the index view `serve`, _MLFLOW_SGI_NAME, fastapi_app.create_fastapi_app": _mlflow_server,
 }
 
 
@@ -123,13 +142,42 @@ def check_all() -> dict[str, str]:
 # ---------------------------------------------------------------------------------------------------
 # MLflow's UI (checked in tests/test_internals.py against the installed MLflow)
 
-# MLflow 3's UI reads the experiment tag `mlflow.experimentKind` to pick the page an experiment opens
-# on. With no tag it guesses, and an experiment of nested training runs opened on the GenAI traces
-# overview ("Traces 0", "No data available"). "custom_model_development" opens it on its runs. MLflow
-# has no public Python constant for either (the values live in its web UI's bundle; the UI itself
-# writes the tag when a user picks a kind), hence this module.
+# MLflow 3.17's web UI (its built bundle under mlflow/server/js/build/static/js) picks the page an
+# experiment opens on from the browser's "workflow type", not from the experiment: the address's
+# `?workflowType=` (genai | machine_learning), else the browser's local storage under
+# "mlflow.workflowType" (its useLocalStorage hook stores `${key}_v${version}` -> JSON), else "genai",
+# which opens an experiment on its traces overview ("Traces 0", "No data available"). The experiment tag
+# `mlflow.experimentKind` is read only while the UI's `shouldEnableWorkflowBasedNavigation` flag is off,
+# and that flag is compiled in as on (3.17.2 and 3.18.0 alike), so the tag changes no page there. It is
+# still set: it is what the UI itself writes when a user picks an experiment's kind, and UIs with the
+# flag off read it. orchestrator/track/mlflow_app.py (`mlflow ui --app-name dreamsweep`) stores
+# "machine_learning" as a fresh browser's choice instead. MLflow has no public constant for any of these.
 MLFLOW_EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 MLFLOW_TRAINING_EXPERIMENT = "custom_model_development"
+MLFLOW_UI_WORKFLOW_KEY = "mlflow.workflowType"
+MLFLOW_UI_WORKFLOW_VERSION = 1
+MLFLOW_UI_MODEL_TRAINING_WORKFLOW = "machine_learning"
+# The Flask view that serves the UI's index page (`/` under any --static-prefix).
+MLFLOW_UI_PAGE_ENDPOINT = "serve"
+
+
+def mlflow_ui_workflow_storage_key() -> str:
+    """The local-storage key MLflow's UI keeps the workflow type under."""
+    return f"{MLFLOW_UI_WORKFLOW_KEY}_v{MLFLOW_UI_WORKFLOW_VERSION}"
+
+
+def mlflow_server_app(flask_app):
+    """What an `mlflow.app` plugin returns: under MLflow's default server (uvicorn) its FastAPI wrapper of
+    the Flask app, as MLflow's own basic-auth app does (the server names itself in a private variable);
+    the Flask app itself under gunicorn or waitress."""
+    from mlflow.environment_variables import _MLFLOW_SGI_NAME
+
+    if _MLFLOW_SGI_NAME.get() == "uvicorn":
+        from mlflow.server.fastapi_app import create_fastapi_app
+
+        return create_fastapi_app(flask_app)
+    return flask_app
+
 
 # The run description MLflow's UI shows (and edits) on a run's overview page; documented as a system
 # tag, kept here beside the other MLflow UI tag.

@@ -3,6 +3,7 @@
 If this fails after an upgrade, the failing name says which use in orchestrator/ to revisit
 (orchestrator/internals.py lists where each one is used and why)."""
 
+import re
 from pathlib import Path
 
 import mlflow
@@ -14,7 +15,7 @@ from orchestrator.internals import PRIVATE_DETAILS, check_all
 
 def test_every_private_detail_still_holds():
     broken = check_all()
-    assert broken == {}, "private Ray/Optuna details broken by an upgrade:\n" + "\n".join(
+    assert broken == {}, "private Ray/Optuna/MLflow details broken by an upgrade:\n" + "\n".join(
         f"- {name}: {error}" for name, error in broken.items()
     )
 
@@ -40,6 +41,17 @@ def test_mlflows_ui_reads_the_experiment_kind_tag_and_knows_the_training_kind():
     assert f'CUSTOM_MODEL_DEVELOPMENT="{internals.MLFLOW_TRAINING_EXPERIMENT}"' in bundle, (
         "MLflow's UI no longer knows the experiment kind dreamsweep sets"
     )
+
+
+def test_mlflows_ui_keeps_its_workflow_type_where_dreamsweeps_app_sets_it():
+    # orchestrator/track/mlflow_app.py stores "machine_learning" under this key for a fresh browser;
+    # tests/test_report_browser.py shows the effect (an experiment opens on its runs)
+    bundle = mlflow_ui_bundle()
+    key, version = internals.MLFLOW_UI_WORKFLOW_KEY, internals.MLFLOW_UI_WORKFLOW_VERSION
+    assert f'key:"{key}",version:{version}' in bundle, "MLflow's UI keeps its workflow type elsewhere"
+    assert re.search(r"`\$\{\w+\}_v\$\{\w+\}`", bundle), "MLflow's UI no longer stores `${key}_v${version}`"
+    assert internals.mlflow_ui_workflow_storage_key() == f"{key}_v{version}"
+    assert f'MACHINE_LEARNING="{internals.MLFLOW_UI_MODEL_TRAINING_WORKFLOW}"' in bundle
 
 
 def test_the_run_note_tag_is_mlflows_run_description():

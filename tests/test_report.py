@@ -27,6 +27,7 @@ FAKE = {
     "load_prior_fn": "orchestrator.run.fake_trainer:load_prior",
 }
 STEPS = 20
+TRIALS = {"asd": 3, "sds": 2}  # asd: the top 2 and the worst; two sweeps of one objective to compare
 
 
 def search_spec(name: str, method: str, **extra) -> dict:
@@ -52,8 +53,9 @@ def workspace(tmp_path_factory):
     ws = Workspace(tmp_path_factory.mktemp("ws-report"))
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
-        for method in ("asd", "sds"):
-            assert submit(search_spec(method, method), workspace=ws, runtime=FAKE).complete == 3
+        for method, trials in TRIALS.items():
+            spec = search_spec(method, method, trials=trials)
+            assert submit(spec, workspace=ws, runtime=FAKE).complete == trials
     finally:
         ray.shutdown()
     other = load_sweep_spec(
@@ -109,7 +111,7 @@ def test_two_sweeps_compared_in_json_match_mlflows_numbers(workspace, capsys):
         values = finished_objectives(workspace, summary["sweep"])
         every += [(v, summary["sweep"]) for v in values]
         q1, median, q3 = statistics.quantiles(values, n=4, method="inclusive")
-        assert summary["finished"] == summary["trials"] == 3
+        assert summary["finished"] == summary["trials"] == TRIALS[summary["sweep"]]
         assert summary["best"] == pytest.approx(min(values)) and summary["worst"] == pytest.approx(
             max(values)
         )
@@ -167,7 +169,7 @@ def test_an_existing_output_directory_is_refused_unless_forced(workspace, tmp_pa
     out = tmp_path / "report"
     out.mkdir()
     (out / "keep.txt").write_text("mine")
-    args = ["report", "asd", "--workspace", str(workspace.root), "--output", str(out)]
+    args = ["report", "running", "--workspace", str(workspace.root), "--output", str(out)]
     assert main(args) == 2
     err = capsys.readouterr().err
     assert f"{out} already exists" in err and "--force" in err
@@ -190,11 +192,19 @@ def test_a_sweep_with_no_finished_trial_says_so_and_still_shows_what_exists(work
     assert "The plots appear once a trial has finished." in page
 
 
-def test_the_report_holds_the_top_k_the_worst_and_the_study_and_goes_to_the_parent_run(workspace, tmp_path):
+def test_the_report_holds_the_top_k_the_worst_and_the_study_and_goes_to_the_parent_run(
+    workspace, tmp_path, capsys
+):
     out = tmp_path / "asd"
     assert (
         main(["report", "asd", "--top", "2", "--workspace", str(workspace.root), "--output", str(out)]) == 0
     )
+    record = workspace.record("asd")
+    # and says how to browse the sweep's runs (mlflow ui with dreamsweep's app: tests/test_mlflow_app.py)
+    assert (
+        f"asd in MLflow: mlflow ui --backend-store-uri {record.stores.mlflow_uri} --app-name dreamsweep, "
+        f"then #/experiments/{record.experiment_id}"
+    ) in capsys.readouterr().out
     page = (out / "index.html").read_text()
     best, second, worst = (r["run_id"] for r in _rows(workspace, "asd"))
     assert page.index(">best<") < page.index(">#2<") < page.index(">worst<")
@@ -208,7 +218,6 @@ def test_the_report_holds_the_top_k_the_worst_and_the_study_and_goes_to_the_pare
     sources = re.findall(r'(?:src|href)="([^"]*)"', page)
     assert sources and all(s.startswith("data:") for s in sources)  # self-contained: works offline
     assert page.count('src="data:image/png;base64,') >= 4 + 3  # 4 plots, a validation grid per trial
-    record = workspace.record("asd")
     client = mlflow.MlflowClient(record.stores.mlflow_uri)
     assert "report/index.html" in {a.path for a in client.list_artifacts(record.parent_run_id, "report")}
 
