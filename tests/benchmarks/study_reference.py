@@ -216,7 +216,7 @@ def run_group(args: argparse.Namespace, group: str) -> None:
         return
     # Longest first, so that the workers finish together; then seed by seed, so that a study stopped
     # early has every setting at the same seeds.
-    todo.sort(key=lambda task: (-task.max_steps, task.seed))
+    todo.sort(key=lambda task: (-task.max_steps, task.seed), reverse=args.reverse)
     started = time.perf_counter()
     context = multiprocessing.get_context("spawn")
     with context.Pool(args.workers, initializer=_init_worker, initargs=(args,)) as pool:
@@ -395,7 +395,15 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=None, help="override the group's number of seeds")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument(
-        "--only-seed", type=int, default=None, help="run only this seed's runs (to split a study across processes)"
+        "--only-seed",
+        type=int,
+        default=None,
+        help="run only this seed's runs (to split a study across processes)",
+    )
+    parser.add_argument(
+        "--reverse",
+        action="store_true",
+        help="take the runs in reverse order (a second process on the same seed)",
     )
     parser.add_argument("--report", action="store_true", help="only write the tables and plots")
     parser.add_argument("overrides", nargs="*", help="dotted key=value trainer overrides for every run")
