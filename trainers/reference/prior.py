@@ -93,8 +93,8 @@ class SceneSet:
     log_weights: torch.Tensor  # [G, V, K]; −inf pads layouts with fewer colourings
     norms: torch.Tensor  # [G, V, K]: ‖image‖² of every render
     prompts: list[list[str]]  # [G][K] the canonical prompt of each colouring ("" for padding)
-    # For the pruning bound (`candidate_blocks`): the maps' orthonormal COARSE_SIDE² block averages (pixel-major, as `pixel_major`), and each
-    # render's squared norm inside (‖P·image‖²) and norm outside (‖(I−P)·image‖) that projection.
+    # For the pruning bound (`candidate_blocks`): the maps' orthonormal COARSE_SIDE² block averages, and
+    # each render's squared norm inside (‖P·image‖²) and norm outside (‖(I−P)·image‖) that projection.
     coarse_maps: torch.Tensor | None = None  # [COARSE_SIDE², G·V·3] float32, pixel-major
     coarse_norms: torch.Tensor | None = None  # [G, V, K]
     rest_norms: torch.Tensor | None = None  # [G, V, K]
