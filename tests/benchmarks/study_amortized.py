@@ -11,9 +11,11 @@ prompts, `eval/held_out/*` on prompts of unseen colour-shape combinations. `supe
 fitted to its true scene) is the amortized ceiling.
 
 Runs are appended to `--out/runs.jsonl` as they finish (a rerun skips those already there); the
-report writes `--out/results.md`, `--out/curves.png` (the methods at the first library size),
-`--out/library_size.png` (ASD and VSD against the number of prompts) and `--out/renders.png` (each
-run's last validation grid beside the true scenes), and copies each run's grid.
+report writes `--out/results.md`, `--out/curves.png` (the methods at the library size most runs
+have), `--out/library_size.png` (ASD and VSD against the number of prompts) and
+`--out/renders_n<prompts>.png` (each run's last validation grid beside the true scenes), and copies
+each run's grid. Overrides (`key=value`) go before the options: `--prompts`, `--vsd-prompts` and
+`--methods` take every word after them.
 
 `--jobs N` trains N runs at once, each in its own process with `--threads` torch threads (on a
 2-core CPU: `--jobs 2 --threads 1`); every process loads its own prior.
@@ -228,21 +230,38 @@ def report(out: Path) -> None:
     (out / "results.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
-    # Every run's last validation grid (training prompts' rows, then held-out ones), and the truth.
-    panels = [(f"{run['method']}, {run['n_prompts']} prompts", Path(run["validation"])) for run in runs]
-    panels = [(title, iio.imread(path)) for title, path in panels if path.exists()]
-    truth = truth_grid(runs[0]) if runs else None
-    if truth is not None:
-        panels.insert(0, ("true scenes", truth))
-    if panels:
-        fig, axes = plt.subplots(1, len(panels), figsize=(2.2 * len(panels), 4.2), squeeze=False)
+    # Per library size: every run's last validation grid (training prompts' rows, then held-out
+    # ones) beside the true scenes of the same prompts and cameras.
+    for size in sizes:
+        group = [run for run in runs if run["n_prompts"] == size and Path(run["validation"]).exists()]
+        if not group:
+            continue
+        panels = [(run["method"], iio.imread(run["validation"])) for run in group]
+        truth = truth_grid(group[0])
+        if truth is not None:
+            panels.insert(0, ("true scenes", truth))
+        fig, axes = plt.subplots(1, len(panels), figsize=(1.9 * len(panels), 5.2), squeeze=False)
         for ax, (title, image) in zip(axes[0], panels, strict=True):
             ax.imshow(image, interpolation="nearest")
-            ax.set_title(title, fontsize=8)
+            ax.set_title(title, fontsize=9)
             ax.axis("off")
+        fig.suptitle(
+            f"{size} training prompts: rows 1-{len(group) and run_rows(group[0])[0]} trained, "
+            "the rest held-out combinations",
+            fontsize=9,
+        )
         fig.tight_layout()
-        fig.savefig(out / "renders.png", dpi=110)
+        fig.savefig(out / f"renders_n{size}.png", dpi=110)
         plt.close(fig)
+
+
+def run_rows(run: dict) -> tuple[int, int]:
+    """(training rows, held-out rows) of a run's validation grid."""
+    from trainers.reference.scenes import prompt_split
+
+    names = Path(run["validation"]).with_suffix(".txt").read_text().splitlines()
+    held_out = set(prompt_split().test)
+    return sum(n not in held_out for n in names), sum(n in held_out for n in names)
 
 
 def run_in_processes(args, plan: list[tuple[str, int]]) -> None:
