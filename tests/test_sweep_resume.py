@@ -11,6 +11,7 @@ import time
 
 import mlflow
 import optuna
+import pytest
 import yaml
 
 from orchestrator.run.workspace import Workspace
@@ -54,8 +55,11 @@ def checkpoint_steps(ws, number: int) -> set[int]:
     return {json.loads(open(path).read())["step"] for path in glob.glob(pattern)}
 
 
-def wait_for_kill_point(ws, process, timeout=240):
-    """Until a trial is COMPLETE and another is RUNNING with a checkpoint: the interesting moment."""
+def wait_for_kill_point(ws, process, timeout=240, steps_of=checkpoint_steps, early=MAX_STEPS // 3):
+    """Until a trial is COMPLETE and another is RUNNING with a checkpoint: the interesting moment.
+
+    `steps_of(ws, number)`: the steps of the checkpoints a trial has persisted; `early`: the latest
+    checkpoint step at which a running trial still counts as early in its training."""
     deadline = time.monotonic() + timeout
     storage = f"sqlite:///{ws.root / 'optuna.db'}"
     while time.monotonic() < deadline:
@@ -66,13 +70,13 @@ def wait_for_kill_point(ws, process, timeout=240):
         except (KeyError, Exception):
             continue
         done = [t.number for t in trials if t.state.name == "COMPLETE"]
-        running = {t.number: checkpoint_steps(ws, t.number) for t in trials if t.state.name == "RUNNING"}
+        running = {t.number: steps_of(ws, t.number) for t in trials if t.state.name == "RUNNING"}
         # Early in a trial, so that it is still mid-training a moment later.
-        in_flight = {n: steps for n, steps in running.items() if steps and max(steps) <= MAX_STEPS // 3}
+        in_flight = {n: steps for n, steps in running.items() if steps and max(steps) <= early}
         if done and in_flight:
             # Tune snapshots its state every second: let it record the trial and its checkpoint.
             time.sleep(1.2)
-            return done, {n: checkpoint_steps(ws, n) for n in in_flight}
+            return done, {n: steps_of(ws, n) for n in in_flight}
     raise AssertionError("no moment with a finished trial and a checkpointed running trial")
 
 
@@ -139,4 +143,98 @@ def test_resume_after_kill_9_continues_trials_once_each_at_their_checkpoints(tmp
             steps,
             state,
         )
+        assert float(runs[number].data.params["guidance.eta"]) == study.trials[number].params["guidance.eta"]
+
+
+# The same promises for an amortized sweep: each trial one Ray Train run of 2 gloo workers (one
+# logical GPU each), so the trials run one at a time on the 2-GPU cluster. Reports and checkpoints
+# every 2 steps (each one a Ray Train collective and an MLflow write: most of a tiny step's time).
+AMORTIZED_STEPS, AMORTIZED_EVERY = 12, 2
+
+
+def amortized_spec() -> dict:
+    from tests.test_amortized_data_parallel import TINY
+
+    base = {k: v for k, v in TINY.items() if k not in ("trainer", "prompts")}
+    return {
+        **SPEC,
+        "trainer": "amortized",
+        "base": {
+            **base,
+            "trainer": "amortized",
+            "max_steps": AMORTIZED_STEPS,
+            "logging": {**base["logging"], "log_every": AMORTIZED_EVERY, "checkpoint_every": AMORTIZED_EVERY},
+            "data_parallel": {"num_workers": 2},
+        },
+        "prompts": {"items": ["a red cube", "a blue ball", "a green cone"]},
+        "trials": 2,
+        "max_concurrent": 1,
+    }
+
+
+def amortized_checkpoint_steps(ws, number: int) -> set[int]:
+    """The steps of the checkpoints Ray Train surely holds for trial `number` (what a resume gets).
+
+    All but the newest checkpoint on disk: Ray Train registers a checkpoint after its workers have
+    written it, so the newest may not be registered yet; the older ones are."""
+    from trainers.checkpoint import load_checkpoint
+
+    pattern = f"{ws.root}/ray_results/killed/*optuna_trial={number},*/ray_train/**/state.pt"
+    steps = set()
+    for path in glob.glob(pattern, recursive=True):
+        try:
+            steps.add(int(load_checkpoint(os.path.dirname(path))["step"]))
+        except (OSError, RuntimeError, EOFError):  # being written right now
+            pass
+    return set(sorted(steps)[:-1])
+
+
+@pytest.mark.slow  # ~3 min on 2 cores: two Ray Train worker groups start, and a third after the kill
+def test_an_amortized_sweep_resumes_after_kill_9_with_one_run_per_trial(tmp_path):
+    spec_path = tmp_path / "spec.yaml"
+    spec_path.write_text(yaml.safe_dump(amortized_spec()))
+    ws = Workspace(tmp_path / "ws")
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    log = open(tmp_path / "submit.log", "w")
+    driver = subprocess.Popen(
+        cli("submit", str(spec_path), "--workspace", str(ws.root)), env=env, stdout=log, stderr=log
+    )
+    done_before, in_flight = wait_for_kill_point(
+        ws, driver, steps_of=amortized_checkpoint_steps, early=AMORTIZED_STEPS // 2
+    )
+    kill_time_ms = time.time() * 1000
+    os.kill(driver.pid, signal.SIGKILL)
+    driver.wait()
+
+    resumed = subprocess.run(
+        cli("resume", "killed", "--workspace", str(ws.root)),
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=400,
+    )
+    assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-2000:]
+
+    record = ws.record("killed")
+    study = optuna.load_study(study_name="killed", storage=record.stores.optuna_url)
+    client = mlflow.MlflowClient(record.stores.mlflow_uri)
+    all_runs = tracking.trial_runs(client, record.experiment_id)
+    runs = {int(r.data.tags[tracking.TAG_OPTUNA_TRIAL]): r for r in all_runs}
+
+    assert [t.state.name for t in study.trials] == ["COMPLETE", "COMPLETE"]
+    # One run per trial (the durable map: the run found again by its Tune trial id), with rank 0's
+    # metrics once per step although the resumed trial replayed steps after its checkpoint.
+    assert sorted(runs) == [0, 1] and len(all_runs) == 2
+    assert len({r.data.tags[tracking.TAG_RAY_TRIAL] for r in all_runs}) == 2
+    for number, run in runs.items():
+        steps = [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")]
+        assert steps == list(range(AMORTIZED_EVERY, AMORTIZED_STEPS + 1, AMORTIZED_EVERY)), (number, steps)
+        assert run.info.status == "FINISHED"
+    for number in done_before:  # finished before the kill: not run again
+        assert runs[number].info.end_time < kill_time_ms
+        assert not client.get_metric_history(runs[number].info.run_id, "trial/resumed_at_step")
+    for number, steps in in_flight.items():  # continued from a checkpoint it had persisted
+        history = client.get_metric_history(runs[number].info.run_id, "trial/resumed_at_step")
+        resumed_at = [int(m.value) for m in history]
+        assert resumed_at and resumed_at[0] in steps | {max(steps) + AMORTIZED_EVERY}, (resumed_at, steps)
         assert float(runs[number].data.params["guidance.eta"]) == study.trials[number].params["guidance.eta"]

@@ -113,6 +113,7 @@ def make_context(spec: SweepSpec, record: SweepRecord, prompts: list[str]) -> Sw
         git_commit=tracking.git_commit(),
         trainer=spec.trainer,
         trainer_keys=sweep_keys(spec, prompts[0]) if spec.trainer == "amortized" else {},
+        tune_path=record.stores.tune_path,
     )
     return dataclasses.replace(context, **record.extra)
 

@@ -90,6 +90,9 @@ class SweepContext:
     extra_overrides: dict[str, Any] = field(default_factory=dict)
     trainer: str = "per-prompt"  # or "amortized": see run_amortized_trial
     trainer_keys: dict[str, Any] = field(default_factory=dict)  # amortized: {"prompts": the spec's source}
+    tune_path: str = (
+        ""  # the sweep's Tune storage (amortized: its trials' Ray Train runs keep checkpoints there)
+    )
 
 
 def import_function(path: str) -> Callable:
@@ -348,8 +351,8 @@ def run_amortized_trial(config: dict[str, Any], context: SweepContext) -> None:
     The trial itself holds no resources: it starts a TorchTrainer whose N workers each hold theirs
     (the spec's `resources`, per worker). Rank 0's reports reach MLflow and Tune through
     `AmortizedTrialCallback` (ranks other than 0 log nothing). Ray Train keeps the checkpoints under
-    the trial's directory with a fixed name, so a trial restarted by `dreamsweep resume` (or a retry)
-    continues from the last one.
+    the trial's directory on the sweep's storage with a fixed name, so a trial restarted by
+    `dreamsweep resume` (or a retry) continues from the last one.
     """
     from trainers.amortized.config import load_amortized_config
     from trainers.amortized.data_parallel import build_trainer
@@ -387,7 +390,7 @@ def run_amortized_trial(config: dict[str, Any], context: SweepContext) -> None:
     try:
         trainer = build_trainer(
             cfg,
-            storage_path=str(trial_dir / "ray_train"),
+            storage_path=amortized_storage(context, tune_context, trial_dir),
             name="amortized",
             callbacks=[callback],
             report_keys={OBJECTIVE: context.objective_metric},
@@ -400,6 +403,9 @@ def run_amortized_trial(config: dict[str, Any], context: SweepContext) -> None:
             )
         value = float(final[context.objective_metric])
         run.log_metrics(cfg.max_steps, {OBJECTIVE: value}, force=True)
+        resumed_at = int(final.get("train/resumed_at_step", 0))
+        if resumed_at:  # as a per-prompt trial does: where a restarted trial continued from
+            run.log_metrics(resumed_at, {"trial/resumed_at_step": float(resumed_at)}, force=True)
         for name in ("config.yaml", "metrics.yaml", f"turntable.{cfg.logging.turntable_format}"):
             if (output_dir / name).exists():
                 run.log_artifact(output_dir / name, "renders" if name.startswith("turntable") else None)
@@ -415,6 +421,16 @@ def run_amortized_trial(config: dict[str, Any], context: SweepContext) -> None:
         run.set_tags({"dreamsweep.error": traceback.format_exc()[-4000:]})
         run.finish("FAILED")
         raise
+
+
+def amortized_storage(context: SweepContext, tune_context, trial_dir: Path) -> str:
+    """Where an amortized trial's Ray Train run keeps its checkpoints: the trial's directory on the
+    sweep's storage. (`get_trial_dir()` is the trial's working copy in this Ray session's temporary
+    directory, which a driver restarted after kill -9 runs in a new session and never sees again.)"""
+    if not context.tune_path:
+        return str(trial_dir / "ray_train")
+    experiment = f"{context.tune_path.rstrip('/')}/{tune_context.get_experiment_name()}"
+    return f"{experiment}/{trial_dir.name}/ray_train"
 
 
 def amortized_trial_callback_class():

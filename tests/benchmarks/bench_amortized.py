@@ -5,7 +5,8 @@
 
 - scaling: samples/s of the same config on 1 and on 2 gloo workers (Ray Train), and the scaling
   efficiency samples/s(2) / (2 x samples/s(1)) (target >= 0.8). Measured over the last half of the
-  steps, so start-up and the first (cache-filling) steps are left out.
+  steps, so start-up and the first (cache-filling) steps are left out. Beside it, what DDP adds to a
+  step: the gradient it all-reduces (the model's parameters), timed alone between 2 gloo processes.
 - cache: building and then reading the text-embedding cache of 100k prompts with tiny-sd's encoder
   (read target < 1 s: a fresh process-like cache object, memory-mapped file, 100k lookups).
 - generate: one `generate` (text encoder + one generator forward, and the turntable render) against
@@ -42,11 +43,55 @@ TINY = {
 }
 
 
-def scaling(steps: int) -> None:
+def _allreduce_worker(rank: int, numel: int, repeats: int, port: int, out) -> None:
+    import torch
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    grad = torch.ones(numel)
+    dist.all_reduce(grad)  # warm-up: the connection
+    times = []
+    for _ in range(repeats):
+        dist.barrier()
+        started = time.perf_counter()
+        dist.all_reduce(grad)
+        times.append(time.perf_counter() - started)
+    if rank == 0:
+        out.put(statistics.median(times))
+    dist.destroy_process_group()
+
+
+def allreduce_seconds(numel: int, repeats: int = 20) -> float:
+    """Median time of one all-reduce of `numel` float32 between 2 local gloo processes."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    context = mp.get_context("spawn")
+    out = context.Queue()
+    workers = [
+        context.Process(target=_allreduce_worker, args=(rank, numel, repeats, port, out)) for rank in (0, 1)
+    ]
+    for worker in workers:
+        worker.start()
+    seconds = out.get(timeout=120)
+    for worker in workers:
+        worker.join()
+    return seconds
+
+
+def scaling(steps: int, batch_size: int) -> None:
     import ray
 
     from trainers.amortized.config import load_amortized_config
     from trainers.amortized.data_parallel import fit
+    from trainers.amortized.loop import AmortizedModel
+    from trainers.amortized.prompt_library import GeneratorTextEncoder
+    from trainers.priors import load_prior
 
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     rates = {}
@@ -56,6 +101,7 @@ def scaling(steps: int) -> None:
                 TINY,
                 {
                     "max_steps": steps,
+                    "batch_size": batch_size,
                     "logging.log_every": steps // 2,
                     "data_parallel.num_workers": workers,
                     "output_dir": f"{tmp}/w{workers}",
@@ -66,9 +112,21 @@ def scaling(steps: int) -> None:
             rates[workers] = result.metrics["train/samples_per_s"]  # rank 0's last window, all ranks' samples
     ray.shutdown()
     efficiency = rates[2] / (2 * rates[1])
-    print(f"samples/s, 1 gloo worker : {rates[1]:.3f}")
-    print(f"samples/s, 2 gloo workers: {rates[2]:.3f}  ({rates[2] / rates[1]:.2f}x)")
+    print(f"batch {batch_size} prompts per worker per step, {cfg.resolution} px, {steps} steps:")
+    print(f"samples/s, 1 gloo worker : {rates[1]:.3f}  ({batch_size / rates[1] * 1000:.0f} ms a step)")
+    print(
+        f"samples/s, 2 gloo workers: {rates[2]:.3f}  ({rates[2] / rates[1]:.2f}x, "
+        f"{2 * batch_size / rates[2] * 1000:.0f} ms a step)"
+    )
     print(f"scaling efficiency       : {efficiency:.2f}  (target >= 0.8)")
+    # What DDP adds to each step: one all-reduce of the whole gradient (the model's parameters).
+    prior = load_prior(cfg.prior, "cpu")
+    numel = sum(p.numel() for p in AmortizedModel(cfg, GeneratorTextEncoder(prior).dim).parameters())
+    reduce_s = allreduce_seconds(numel)
+    print(
+        f"all-reduce of the gradient ({numel:,} float32, {numel * 4 / 2**20:.1f} MiB), 2 gloo processes: "
+        f"{reduce_s * 1000:.1f} ms = {reduce_s * rates[1] / batch_size:.2f} of a 1-worker step"
+    )
 
 
 def cache(n: int) -> None:
@@ -135,7 +193,8 @@ def generate_vs_step(repeats: int) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--only", choices=("scaling", "cache", "generate"), default=None)
-    parser.add_argument("--steps", type=int, default=20, help="scaling: steps per run")
+    parser.add_argument("--steps", type=int, default=40, help="scaling: steps per run")
+    parser.add_argument("--batch-size", type=int, default=2, help="scaling: prompts per worker per step")
     parser.add_argument("--prompts", type=int, default=100_000, help="cache: prompts")
     parser.add_argument("--repeats", type=int, default=5, help="generate: repeats")
     args = parser.parse_args()
@@ -144,7 +203,7 @@ def main() -> None:
     if args.only in (None, "generate"):
         generate_vs_step(args.repeats)
     if args.only in (None, "scaling"):
-        scaling(args.steps)
+        scaling(args.steps, args.batch_size)
 
 
 if __name__ == "__main__":
