@@ -83,7 +83,10 @@ class SweepContext:
     experiment_id: str
     parent_run_id: str
     git_commit: str = "unknown"
-    report_every_s: float = 2.0
+    # A Tune report stalls the trainer for a round trip with the driver (Tune's function API reports
+    # synchronously) plus an MLflow flush: every 2 s, the callbacks took ~5 % of the trainer's time in a
+    # profiling run on 2 CPUs (tests/benchmarks/bench_sweep_overhead.py, "in the trainer's callbacks").
+    report_every_s: float = 5.0
     # "module:function" of the training function and the prior loader: the real trainer by default,
     # a fast fake in the orchestrator's plumbing tests.
     train_fn: str = "trainers.per_prompt:train"
@@ -289,10 +292,10 @@ def timed_hook(hook: Callable) -> Callable:
     """A PromptHooks callback whose seconds add up in `spent_s`."""
 
     @functools.wraps(hook)
-    def timed(self, *args):
+    def timed(self, *args, **kwargs):
         started = time.perf_counter()
         try:
-            return hook(self, *args)
+            return hook(self, *args, **kwargs)
         finally:
             self.spent_s += time.perf_counter() - started
 
