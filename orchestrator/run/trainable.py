@@ -18,6 +18,7 @@ trial skips the prompts it finished and continues the current one at its step.
 
 from __future__ import annotations
 
+import functools
 import importlib
 import json
 import os
@@ -82,7 +83,10 @@ class SweepContext:
     experiment_id: str
     parent_run_id: str
     git_commit: str = "unknown"
-    report_every_s: float = 2.0
+    # A Tune report stalls the trainer for a round trip with the driver (Tune's function API reports
+    # synchronously) plus an MLflow flush: every 2 s, the callbacks took ~5 % of the trainer's time in a
+    # profiling run on 2 CPUs (tests/benchmarks/bench_sweep_overhead.py, "in the trainer's callbacks").
+    report_every_s: float = 5.0
     # "module:function" of the training function and the prior loader: the real trainer by default,
     # a fast fake in the orchestrator's plumbing tests.
     train_fn: str = "trainers.per_prompt:train"
@@ -209,7 +213,9 @@ def run_trial(config: dict[str, Any], context: SweepContext) -> None:
             {"dreamsweep.resumed_from": f"prompt {panel[state['position']]} at step {state['step']}"}
         )
 
-    compute_s = 0.0  # time inside the trainer, for the overhead benchmark (orchestration = the rest)
+    # For the overhead benchmark: the trainer's own time (orchestration = the rest), and the time its
+    # callbacks spent on MLflow and Tune reports (a report waits for the driver's round trip).
+    compute_s = hooks_s = 0.0
     try:
         for position in range(state["position"], len(panel)):
             cfg = configs[position]
@@ -238,7 +244,8 @@ def run_trial(config: dict[str, Any], context: SweepContext) -> None:
                 resume_from=resume_dir if resuming else None,
                 progress=False,
             )
-            compute_s += time.perf_counter() - started
+            compute_s += time.perf_counter() - started - hooks.spent_s
+            hooks_s += hooks.spent_s
             final = result.final_metrics.get(context.objective_metric)
             if final is None and resuming:
                 final = state.get("last_objective")  # killed after the last checkpoint: nothing left to train
@@ -267,6 +274,7 @@ def run_trial(config: dict[str, Any], context: SweepContext) -> None:
                 OBJECTIVE: value,
                 STEP: len(panel) * steps_per_prompt,
                 "trial/compute_s": compute_s,
+                "trial/hooks_s": hooks_s,
                 "trial/wall_s": time.perf_counter() - entered,
                 # Wall-clock bounds, for the overhead benchmark's timeline (gaps between trials).
                 "trial/entered_at": entered_at,
@@ -283,6 +291,20 @@ def run_trial(config: dict[str, Any], context: SweepContext) -> None:
         raise
 
 
+def timed_hook(hook: Callable) -> Callable:
+    """A PromptHooks callback whose seconds add up in `spent_s`."""
+
+    @functools.wraps(hook)
+    def timed(self, *args, **kwargs):
+        started = time.perf_counter()
+        try:
+            return hook(self, *args, **kwargs)
+        finally:
+            self.spent_s += time.perf_counter() - started
+
+    return timed
+
+
 class PromptHooks:
     """The trainer's callbacks for one prompt of a trial: metrics to MLflow (at the trial's global step),
     summaries and checkpoints to Tune."""
@@ -294,6 +316,7 @@ class PromptHooks:
         self.prefix = f"prompt_{prompt_index:03d}/" if in_panel else ""
         self.current: dict[str, float] = {}
         self.last_report = time.monotonic()
+        self.spent_s = 0.0  # inside these callbacks: orchestration, not training
 
     def folder(self, name: str) -> str:
         return f"{self.prefix}{name}"
@@ -318,12 +341,14 @@ class PromptHooks:
         tune.report(metrics, checkpoint=checkpoint)
         self.last_report = time.monotonic()
 
+    @timed_hook
     def on_metrics(self, step: int, metrics: dict[str, float]) -> None:
         self.current.update(metrics)
         self.run.log_metrics(self.offset + step, {self.prefix + k: v for k, v in metrics.items()})
         if time.monotonic() - self.last_report >= self.context.report_every_s:
             self.report(step)
 
+    @timed_hook
     def on_checkpoint(self, step: int, path: Path) -> None:
         panel_state = {
             "position": self.position,
@@ -334,6 +359,7 @@ class PromptHooks:
         (Path(path) / PANEL_FILE).write_text(json.dumps(panel_state))
         self.report(step, Path(path))
 
+    @timed_hook
     def on_artifact(self, step: int, path: Path) -> None:
         kind = "validation" if Path(path).parent.name == "validation" else "renders"
         self.run.log_artifact(Path(path), self.folder(kind))

@@ -10,12 +10,15 @@ runs with metrics and artifacts, the final plots), then prints side by side:
 - wall: from `submit()` to its return. The workspace's databases are created first (by another
   process, as an earlier sweep would have: a workspace serves many sweeps), then Ray is started as
   `submit` starts it; both are timed apart;
-- ideal: the sum of the time the trials spent inside the trainer, divided by the number of workers;
+- ideal: the sum of the time the trials spent inside the trainer, divided by the number of workers
+  (not counting the trainer's callbacks: MLflow logging and Tune reports, each of which waits for a
+  round trip with the driver, are orchestration);
 - overhead = wall / ideal - 1  (target <= 10 % for 10 s trials; Ray's release tests allow 20-30 %);
 - prior loads, summed over worker processes (target: = workers, thanks to reused actors);
 - where the overhead went: driver set-up, each worker's wait for its first trial (Tune starts every
   trial actor in a new process, which imports torch, diffusers and mlflow), the gaps between trials,
-  the time inside a trial but outside the trainer (the first one loads the prior), the idle tail,
+  the time inside a trial but outside the trainer (the first one loads the prior), the time in the
+  trainer's callbacks, the idle tail,
   and the driver's finalisation.
 
 Then, in the same run and on the same Ray instance, the same trials through plain Ray Tune: a function
@@ -253,17 +256,22 @@ def baseline_trial(config: dict, base: dict, prompt: str, runtime: dict) -> None
     def on_metrics(step, metrics):
         latest.update(metrics)
 
+    hooks_s = [0.0]
+
     def on_checkpoint(step, path):
+        started = time.perf_counter()
         tune.report({**latest, "step": step}, checkpoint=tune.Checkpoint.from_directory(str(path)))
+        hooks_s[0] += time.perf_counter() - started
 
     started = time.perf_counter()
     result = train(cfg, prior, on_metrics=on_metrics, on_checkpoint=on_checkpoint, progress=False)
-    compute_s = time.perf_counter() - started
+    compute_s = time.perf_counter() - started - hooks_s[0]
     tune.report(
         {
             **result.final_metrics,
             "step": cfg.max_steps,
             "trial/compute_s": compute_s,
+            "trial/hooks_s": hooks_s[0],
             "trial/wall_s": time.perf_counter() - entered,
             "trial/entered_at": entered_at,
             "trial/left_at": time.time(),
@@ -293,18 +301,19 @@ def create_stores(workspace, spec: dict) -> None:
 
 def breakdown(timings: dict[str, float], started_at: float, results: list[dict], workers: int) -> list:
     """Where the overhead went, in seconds of wall time (worker-side parts averaged over the workers):
-    wall - ideal = setup + finalize + (start delay + gaps between trials + in-trial extra + idle at end) / W."""
+    wall - ideal = setup + finalize + (start delay + gaps + in-trial extra + callbacks + idle at end) / W."""
     fit_start = started_at + timings["setup"]
     fit_end = fit_start + timings["fit"]
     by_worker: dict[int, list[dict]] = defaultdict(list)
     for result in results:
         by_worker[result["worker/pid"]].append(result)
-    start_delay = gaps = extra = end_idle = 0.0
+    start_delay = gaps = extra = hooks = end_idle = 0.0
     for trials in by_worker.values():
         trials.sort(key=lambda r: r["trial/entered_at"])
         start_delay += trials[0]["trial/entered_at"] - fit_start
         gaps += sum(b["trial/entered_at"] - a["trial/left_at"] for a, b in itertools.pairwise(trials))
-        extra += sum(r["trial/wall_s"] - r["trial/compute_s"] for r in trials)
+        hooks += sum(r["trial/hooks_s"] for r in trials)
+        extra += sum(r["trial/wall_s"] - r["trial/compute_s"] - r["trial/hooks_s"] for r in trials)
         end_idle += fit_end - trials[-1]["trial/left_at"]
     # A worker that never ran a trial idles for the whole fit.
     start_delay += (workers - len(by_worker)) * timings["fit"]
@@ -313,6 +322,7 @@ def breakdown(timings: dict[str, float], started_at: float, results: list[dict],
         ("first trial start (per worker)", start_delay / workers),
         ("between trials (per worker)", gaps / workers),
         ("in trial, outside the trainer", extra / workers),
+        ("in the trainer's callbacks", hooks / workers),
         ("idle at the end (per worker)", end_idle / workers),
         ("finalize (stores agree, plots)", timings["finalize"]),
     ]
