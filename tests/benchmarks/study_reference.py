@@ -216,7 +216,9 @@ def run_group(args: argparse.Namespace, group: str) -> None:
         return
     # Longest first, so that the workers finish together; then seed by seed, so that a study stopped
     # early has every setting at the same seeds.
-    todo.sort(key=lambda task: (-task.max_steps, task.seed), reverse=args.reverse)
+    todo.sort(key=lambda task: (-task.max_steps, task.seed))
+    if args.reverse:
+        todo.reverse()
     started = time.perf_counter()
     context = multiprocessing.get_context("spawn")
     with context.Pool(args.workers, initializer=_init_worker, initargs=(args,)) as pool:
