@@ -80,16 +80,19 @@ def wait_for_kill_point(ws, process, timeout=240, steps_of=checkpoint_steps, ear
     raise AssertionError("no moment with a finished trial and a checkpointed running trial")
 
 
-def test_resume_after_kill_9_continues_trials_once_each_at_their_checkpoints(tmp_path):
+def submit_kill_9_and_resume(tmp_path, spec: dict, **kill_point):
+    """Submits `spec` as sweep "killed", kills the driver with SIGKILL at the kill point (one trial done,
+    one checkpointed in flight), resumes it to the end, and returns (workspace, trials done before the
+    kill, the trial in flight, the kill's time in ms)."""
     spec_path = tmp_path / "spec.yaml"
-    spec_path.write_text(yaml.safe_dump(SPEC))
+    spec_path.write_text(yaml.safe_dump(spec))
     ws = Workspace(tmp_path / "ws")
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     log = open(tmp_path / "submit.log", "w")
     driver = subprocess.Popen(
         cli("submit", str(spec_path), "--workspace", str(ws.root)), env=env, stdout=log, stderr=log
     )
-    done_before, in_flight = wait_for_kill_point(ws, driver)
+    done_before, in_flight = wait_for_kill_point(ws, driver, **kill_point)
     kill_time_ms = time.time() * 1000
     os.kill(driver.pid, signal.SIGKILL)
     driver.wait()
@@ -102,6 +105,11 @@ def test_resume_after_kill_9_continues_trials_once_each_at_their_checkpoints(tmp
         timeout=400,
     )
     assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-2000:]
+    return ws, done_before, in_flight, kill_time_ms
+
+
+def test_resume_after_kill_9_continues_trials_once_each_at_their_checkpoints(tmp_path):
+    ws, done_before, in_flight, kill_time_ms = submit_kill_9_and_resume(tmp_path, SPEC)
 
     record = ws.record("killed")
     study = optuna.load_study(study_name="killed", storage=record.stores.optuna_url)
@@ -191,29 +199,9 @@ def amortized_checkpoint_steps(ws, number: int) -> set[int]:
 
 @pytest.mark.slow  # ~3 min on 2 cores: two Ray Train worker groups start, and a third after the kill
 def test_an_amortized_sweep_resumes_after_kill_9_with_one_run_per_trial(tmp_path):
-    spec_path = tmp_path / "spec.yaml"
-    spec_path.write_text(yaml.safe_dump(amortized_spec()))
-    ws = Workspace(tmp_path / "ws")
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    log = open(tmp_path / "submit.log", "w")
-    driver = subprocess.Popen(
-        cli("submit", str(spec_path), "--workspace", str(ws.root)), env=env, stdout=log, stderr=log
+    ws, done_before, in_flight, kill_time_ms = submit_kill_9_and_resume(
+        tmp_path, amortized_spec(), steps_of=amortized_checkpoint_steps, early=AMORTIZED_STEPS // 2
     )
-    done_before, in_flight = wait_for_kill_point(
-        ws, driver, steps_of=amortized_checkpoint_steps, early=AMORTIZED_STEPS // 2
-    )
-    kill_time_ms = time.time() * 1000
-    os.kill(driver.pid, signal.SIGKILL)
-    driver.wait()
-
-    resumed = subprocess.run(
-        cli("resume", "killed", "--workspace", str(ws.root)),
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=400,
-    )
-    assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-2000:]
 
     record = ws.record("killed")
     study = optuna.load_study(study_name="killed", storage=record.stores.optuna_url)
