@@ -170,15 +170,8 @@ def run_trial(config: dict[str, Any], context: SweepContext) -> None:
         state = json.loads((resume_dir / PANEL_FILE).read_text())
 
     search_params = resolve_params(params) if context.kind == "search" else {}
-    identity = tracking.TrialIdentity(
-        sweep=context.sweep,
-        experiment_id=context.experiment_id,
-        parent_run_id=context.parent_run_id,
-        ray_trial_id=tune_context.get_trial_id(),
-        optuna_trial=number,
-        prompts=[context.prompts[i] for i in panel],
-        search_params=search_params,
-        git_commit=context.git_commit,
+    identity = trial_identity(
+        context, tune_context, number, [context.prompts[i] for i in panel], search_params
     )
     client = cached_client(context.mlflow_uri)
     # Facts about the worker, reported with every result: the benchmark and tests count prior loads
@@ -393,16 +386,7 @@ def run_amortized_trial(config: dict[str, Any], context: SweepContext) -> None:
     cfg = load_amortized_config(
         context.base, {**overrides, **context.trainer_keys, "output_dir": str(output_dir)}
     )
-    identity = tracking.TrialIdentity(
-        sweep=context.sweep,
-        experiment_id=context.experiment_id,
-        parent_run_id=context.parent_run_id,
-        ray_trial_id=tune_context.get_trial_id(),
-        optuna_trial=number,
-        prompts=context.prompts,
-        search_params=resolve_params(params),
-        git_commit=context.git_commit,
-    )
+    identity = trial_identity(context, tune_context, number, context.prompts, resolve_params(params))
     client = cached_client(context.mlflow_uri)
     found = tracking.find_trial_run(client, context.experiment_id, identity.ray_trial_id)
     finished = tracking.finished_objective(found)
@@ -447,6 +431,22 @@ def run_amortized_trial(config: dict[str, Any], context: SweepContext) -> None:
         run.set_tags({"dreamsweep.error": traceback.format_exc()[-4000:]})
         run.finish("FAILED")
         raise
+
+
+def trial_identity(
+    context: SweepContext, tune_context, number: int | None, prompts: list[str], search_params: dict
+) -> tracking.TrialIdentity:
+    """What finds a trial's MLflow run again: the sweep's parent, the Tune and Optuna trial ids."""
+    return tracking.TrialIdentity(
+        sweep=context.sweep,
+        experiment_id=context.experiment_id,
+        parent_run_id=context.parent_run_id,
+        ray_trial_id=tune_context.get_trial_id(),
+        optuna_trial=number,
+        prompts=prompts,
+        search_params=search_params,
+        git_commit=context.git_commit,
+    )
 
 
 def amortized_storage(context: SweepContext, tune_context, trial_dir: Path) -> str:
