@@ -23,6 +23,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from orchestrator.errors import ClusterError, ReportError, SweepExistsError, UnknownSweepError
 from trainers.config_base import ConfigError
 
 STATUS_COLUMNS = ["trial", "state", "params", "step", "total", "it_s", "eta", "objective", "elapsed_s"]
@@ -520,10 +521,6 @@ def quiet_libraries() -> None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     quiet_libraries()
-    from orchestrator.run.jobs import ClusterError
-    from orchestrator.run.sweep import SweepExistsError
-    from orchestrator.run.workspace import UnknownSweepError
-    from orchestrator.track.report import ReportError
 
     try:
         return COMMANDS[args.command](args)

@@ -15,6 +15,7 @@ import yaml
 
 import orchestrator.run.jobs as jobs
 from orchestrator.cli import main
+from orchestrator.errors import ClusterError
 from orchestrator.internals import ray_cluster_schema
 from orchestrator.run.cluster import ClusterConfig, check_trial_fits, load_cluster
 from orchestrator.run.stores import check_stores_for_cluster, engine_kwargs
@@ -147,7 +148,7 @@ def test_the_address_comes_from_the_flag_then_the_environment(monkeypatch):
     monkeypatch.setenv(jobs.ADDRESS_ENV, "http://other:8265")
     assert jobs.resolve_address(None) == "http://other:8265"
     assert jobs.resolve_address("https://given:8265") == "https://given:8265"
-    with pytest.raises(jobs.ClusterError, match="http://HEAD:8265"):
+    with pytest.raises(ClusterError, match="http://HEAD:8265"):
         jobs.resolve_address("ray://head:10001")
 
 

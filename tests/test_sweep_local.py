@@ -14,7 +14,8 @@ import ray
 import yaml
 
 from orchestrator.cli import main
-from orchestrator.run.sweep import SweepExistsError, submit
+from orchestrator.errors import SweepExistsError
+from orchestrator.run.sweep import submit
 from orchestrator.run.workspace import Workspace
 from orchestrator.track import tracking
 from orchestrator.track.report import compare, status

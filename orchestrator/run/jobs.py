@@ -31,6 +31,7 @@ from typing import Any
 
 import yaml
 
+from orchestrator.errors import ClusterError, SweepExistsError, UnknownSweepError
 from orchestrator.run.cluster import ClusterConfig, check_trial_fits, load_cluster
 from orchestrator.run.stores import check_stores_for_cluster
 from orchestrator.spec.prompts import load_prompts
@@ -47,10 +48,6 @@ META_SWEEP, META_ACTION, META_WORKSPACE = "dreamsweep.sweep", "dreamsweep.action
 ACTIVE = ("PENDING", "RUNNING")
 # Never uploaded, whatever .gitignore says: version control and local stores.
 ALWAYS_EXCLUDED = (".git", ".venv", "dreamsweep-workspace", "__pycache__")
-
-
-class ClusterError(RuntimeError):
-    """The cluster cannot be reached, or refuses what was asked; the message says what to check."""
 
 
 def resolve_address(given: str | None) -> str | None:
@@ -241,8 +238,6 @@ def jobs_of(client, address: str, name: str) -> list[SweepJob]:
     jobs = sweep_jobs(client)
     if name not in jobs:
         listed = ", ".join(sorted(jobs)) or "none yet (dreamsweep submit SPEC --address ...)"
-        from orchestrator.run.workspace import UnknownSweepError
-
         raise UnknownSweepError(
             f"no sweep named {name!r} on the cluster at {address}; sweeps there: {listed}"
         )
@@ -304,8 +299,6 @@ def submit_job(
             f"`dreamsweep logs {spec.name} --follow` follows it, `dreamsweep stop {spec.name}` stops it"
         )
     if existing and not resume_existing:
-        from orchestrator.run.sweep import SweepExistsError
-
         raise SweepExistsError(
             f"a sweep named {spec.name!r} already ran on the cluster at {address}: `dreamsweep resume "
             f"{spec.name} --address {address}` continues it, `--name NEW` starts another"

@@ -16,6 +16,7 @@ from typing import Any
 
 from mlflow.tracking import MlflowClient
 
+from orchestrator.errors import SweepExistsError
 from orchestrator.run.cluster import ClusterConfig, check_ray_fits, init_ray, load_cluster
 from orchestrator.run.trainable import SweepContext
 from orchestrator.run.tuner import build_tuner, can_restore, experiment_path, optuna_storage, restore_tuner
@@ -32,10 +33,6 @@ from orchestrator.spec.spec import (
 )
 from orchestrator.track import clip_recall, tracking
 from orchestrator.track.progress import SweepProgress
-
-
-class SweepExistsError(FileExistsError):
-    """Submitting a name that exists: Ray's restore would otherwise overwrite its experiment state."""
 
 
 @dataclass

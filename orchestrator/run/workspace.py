@@ -21,14 +21,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from orchestrator.errors import UnknownSweepError
 from orchestrator.spec.spec import SpecError, SweepSpec, load_sweep_spec, save_spec
 
 ENV_VAR = "DREAMSWEEP_WORKSPACE"
 DEFAULT_WORKSPACE = "dreamsweep-workspace"
-
-
-class UnknownSweepError(LookupError):
-    """A sweep name the workspace does not hold; the message lists the ones it does."""
 
 
 @dataclass

@@ -24,6 +24,7 @@ from typing import Any
 
 import yaml
 
+from orchestrator.errors import ReportError
 from orchestrator.run.trainable import OBJECTIVE, OPTUNA_TRIAL_KEY, STEP
 from orchestrator.run.tuner import can_restore, experiment_path, optuna_storage
 from orchestrator.run.workspace import Workspace
@@ -193,10 +194,6 @@ def best_config_yaml(name: str, workspace: Workspace) -> str:
 
 # ---------------------------------------------------------------------------------------------------
 # Several sweeps side by side
-
-
-class ReportError(ValueError):
-    """A report or comparison that cannot be made as asked (the message says why and what to do)."""
 
 
 def finished_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
