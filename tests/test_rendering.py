@@ -179,10 +179,24 @@ def test_chunked_evaluation_matches_a_single_pass():
     field = ImplicitVolume(ImplicitVolumeConfig(encoding=TINY_GRID))
     background = Background(BackgroundConfig())
     cams = orbit_cameras(torch.tensor([0.0, 30.0]), torch.tensor([0.0, 100.0]), 1.8, 45.0)
-    whole = VolumeRenderer(RendererConfig(eval_chunk_rays=10_000), field, background).render(cams, 5, 7)
-    chunked = VolumeRenderer(RendererConfig(eval_chunk_rays=7), field, background).render(cams, 5, 7)
+    whole = VolumeRenderer(RendererConfig(eval_chunk_samples=10_000 * 64), field, background).render(
+        cams, 5, 7
+    )
+    chunked = VolumeRenderer(RendererConfig(eval_chunk_samples=7 * 64), field, background).render(cams, 5, 7)
     for key in ("rgb", "opacity", "depth"):
         assert torch.allclose(whole[key], chunked[key], atol=1e-6)
+
+
+def test_an_evaluation_chunk_holds_at_most_eval_chunk_samples_samples():
+    # A GPU config's 512 samples per ray must not turn a turntable into 8x the memory of a 64-sample one.
+    field = ImplicitVolume(ImplicitVolumeConfig(encoding=TINY_GRID))
+    cams = orbit_cameras(torch.tensor([0.0, 30.0]), torch.tensor([0.0, 100.0]), 1.8, 45.0)
+    sizes: list[int] = []
+    field.register_forward_hook(lambda module, args, out: sizes.append(args[0].shape[0]))
+    config = RendererConfig(estimator="uniform", num_samples_per_ray=32, eval_chunk_samples=32 * 5)
+    with torch.no_grad():
+        VolumeRenderer(config, field, Background(BackgroundConfig())).render(cams, 5, 7)
+    assert max(sizes) == 32 * 5 and sum(sizes) == 2 * 5 * 7 * 32
 
 
 def test_rendered_pixels_backpropagate_into_the_field_and_the_background():
@@ -338,7 +352,7 @@ def test_parameter_groups_split_the_parameters_into_encoding_and_network():
     [
         (RendererConfig, {"num_samples_per_ray": 0}, "num_samples_per_ray"),
         (RendererConfig, {"estimator": "proposal"}, "estimator"),
-        (RendererConfig, {"eval_chunk_rays": 0}, "eval_chunk_rays"),
+        (RendererConfig, {"eval_chunk_samples": 0}, "eval_chunk_samples"),
         (RendererConfig, {"occgrid_threshold": -1.0}, "occgrid_threshold"),
         (RendererConfig, {"occgrid_ema_decay": 1.5}, "occgrid_ema_decay"),
         (RendererConfig, {"occgrid_warmup_steps": -1}, "occgrid_warmup_steps"),

@@ -100,7 +100,10 @@ class RendererConfig(ConfigBase):
     occgrid_warmup_steps: int = Field(256, ge=0)
     occgrid_ema_decay: float = Field(0.95, ge=0.0, le=1.0)
     occgrid_threshold: float = Field(0.01, ge=0.0)
-    eval_chunk_rays: int = Field(16384, ge=1)  # rays rendered at once outside training, to bound memory
+    # Ray samples rendered at once outside training, to bound memory: a chunk holds this many samples'
+    # worth of rays (at least one ray), so raising num_samples_per_ray shrinks the chunk instead of
+    # multiplying the memory of a validation or turntable render.
+    eval_chunk_samples: int = Field(16384 * 64, ge=1)
 
 
 class EstimatorFallback(UserWarning):
@@ -213,7 +216,7 @@ class VolumeRenderer(nn.Module):
 
         train=True: all rays at once, stratified jitter and random background augmentation drawn
         from `generator` (none without one). train=False: no randomness, rays rendered in chunks of
-        `eval_chunk_rays` (wrap the call in torch.no_grad() for the memory bound to hold).
+        `eval_chunk_samples` (wrap the call in torch.no_grad() for the memory bound to hold).
         `background_color` [B, 3] replaces the background with a solid colour per image.
 
         Returns "rgb" [B,H,W,3] (composited), "rgb_fg" [B,H,W,3] (before the background, i.e.
@@ -234,7 +237,7 @@ class VolumeRenderer(nn.Module):
         if train:
             out = self._render_rays(rays_o, rays_d, near, far, occgrid, draw)
         else:
-            size = self.cfg.eval_chunk_rays
+            size = max(1, self.cfg.eval_chunk_samples // self.cfg.num_samples_per_ray)
             chunks = [
                 self._render_rays(
                     rays_o[i : i + size],
