@@ -7,7 +7,8 @@
 #   bash tests/benchmarks/gpu_check.sh             # on the GPU machine, from the repository root
 #   bash tests/benchmarks/gpu_check.sh --download  # beforehand, on a machine with pip access
 #
-# What it runs, each stage with its own time limit so that one failure still leaves a report:
+# What it runs, each stage with its own time limit so that one failure still leaves a report (stage
+# logs and the benchmarks' JSON go to $OUT/gpu_check_logs.tar.gz):
 #   1. installs the packages the GPU image lacks from wheels in $WHEELS (default .whl/), pip --no-index;
 #   2. builds nerfacc's CUDA kernels (JIT, for this GPU's architecture only);
 #   3. `dreamsweep train tests/benchmarks/gpu_sd21_asd.yaml`: 200 ASD steps, sd21-shaped (SD 2.1-base's
@@ -15,7 +16,8 @@
 #   4. tests/benchmarks/bench_real_size.py: SDS / CSD / ASD / VSD at real size, fp16, step split, peak
 #      memory per method;
 #   5. `dreamsweep train sweeps/configs/reference_cpu.yaml device=cuda`: the reference prior on CUDA,
-#      which must finish and write its turntable.
+#      which must finish and write its turntable;
+#   6. if under 5 minutes were spent: step 4 again for SDS and ASD with the opt-in torch.compile.
 #
 # The wheels. The GPU image has PyTorch, transformers, peft, numpy, PyYAML, imageio, matplotlib, tqdm,
 # rich, safetensors and huggingface_hub; it lacks diffusers, nerfacc and pydantic (and what they need).
@@ -47,7 +49,8 @@ mkdir -p "$(dirname "$REPORT")"
 
 report() { printf '%s\n' "$@" >>"$REPORT"; }
 # stage NAME LIMIT_S COMMAND...: run with a time limit, log to $WORK/NAME.log, report status and time;
-# returns the command's status. The limits add up to 8 minutes; a normal run takes about half of that.
+# returns the command's status. The limits of stages 1-5 add up to 8 minutes (a normal run takes about
+# half of that); stage 6 runs only inside them.
 stage() {
   local name=$1 limit=$2 t0=$SECONDS rc
   shift 2
@@ -109,6 +112,16 @@ stage bench_real_size 90 "$PY" tests/benchmarks/bench_real_size.py --steps 20 --
 stage train_reference 50 "$PY" -m orchestrator.cli train sweeps/configs/reference_cpu.yaml device=cuda \
   max_steps=50 output_dir="$WORK/reference"
 
+# 6. only when the stages above left time: the opt-in torch.compile of the UNet, SDS and ASD (the first
+#    steps compile; each UNet batch shape compiles once, so VSD's LoRA switching is left out)
+if (( SECONDS - START < 300 )); then
+  stage bench_compiled 150 "$PY" tests/benchmarks/bench_real_size.py --steps 20 --warmup 5 --methods sds,asd \
+    --json "$WORK/bench_compiled.json" device=cuda renderer.estimator=$ESTIMATOR \
+    renderer.num_samples_per_ray=512 prior.cache_dir="$DREAMSWEEP_CACHE" prior.compile_unet=true
+else
+  report "- **bench_compiled**: skipped (under 300 s were left of the 8 minutes)"
+fi
+
 report "" "## Results" ""
 if [[ -f "$WORK/asd_sd21/metrics.yaml" ]]; then
   report "200 ASD steps, sd21-shaped, 64 px, renderer.estimator=$ESTIMATOR (metrics.yaml; it/s over the last 50 steps):" '```' \
@@ -118,10 +131,18 @@ if [[ -f "$WORK/bench.json" ]]; then
   report "bench_real_size.py --steps 20 --warmup 5 (ms per step, medians; peak GPU memory allocated per method):" '```' \
     "$(sed -n '/^prior=/,$p' "$WORK/bench_real_size.log")" '```'
 fi
+if [[ -f "$WORK/bench_compiled.json" ]]; then
+  report "The same with prior.compile_unet=true, SDS and ASD:" '```' \
+    "$(sed -n '/^prior=/,$p' "$WORK/bench_compiled.log")" '```'
+fi
 for run in asd_sd21 reference; do
   turntable="$(ls "$WORK/$run"/turntable.* 2>/dev/null | head -n 1)"
   report "- $run turntable: ${turntable:+written ($(stat -c %s "$turntable") bytes)}${turntable:-MISSING}"
 done
 report "" "Total: $((SECONDS - START)) s. Peak GPU memory is torch's max_memory_allocated (the caching allocator reserves more)."
+# Every stage's whole log and the benchmarks' JSON come back beside the report (one file).
+if [[ -n "${OUT:-}" ]]; then
+  tar -czf "$OUT/gpu_check_logs.tar.gz" -C "$WORK" $(cd "$WORK" && ls *.log *.json 2>/dev/null)
+fi
 echo "report: $REPORT" >&2
 cat "$REPORT"
