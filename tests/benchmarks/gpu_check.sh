@@ -17,7 +17,10 @@
 #      memory per method;
 #   5. `dreamsweep train sweeps/configs/reference_cpu.yaml device=cuda`: the reference prior on CUDA,
 #      which must finish and write its turntable;
-#   6. if under 5 minutes were spent: step 4 again for SDS and ASD with the opt-in torch.compile.
+#   6. the amortized trainer on CUDA: the reference benchmark's config, then sd21-shaped at 64 px with 4
+#      prompts a step, and `dreamsweep generate` from that run;
+#   7. if under 5 minutes were spent: step 4 again for SDS and ASD with the opt-in torch.compile.
+# GPU_CHECK_ONLY="install build_sd21_shaped ..." runs only the stages it names.
 #
 # The wheels. The GPU image has PyTorch, transformers, peft, numpy, PyYAML, imageio, matplotlib, tqdm,
 # rich, safetensors and huggingface_hub; it lacks diffusers, nerfacc and pydantic (and what they need).
@@ -49,11 +52,15 @@ mkdir -p "$(dirname "$REPORT")"
 
 report() { printf '%s\n' "$@" >>"$REPORT"; }
 # stage NAME LIMIT_S COMMAND...: run with a time limit, log to $WORK/NAME.log, report status and time;
-# returns the command's status. The limits of stages 1-5 add up to 8 minutes (a normal run takes about
-# half of that); stage 6 runs only inside them.
+# returns the command's status. The limits of stages 1-6 add up to 10 minutes (a normal run takes about
+# half of that); stage 7 runs only inside them.
 stage() {
   local name=$1 limit=$2 t0=$SECONDS rc
   shift 2
+  if [[ -n "${GPU_CHECK_ONLY:-}" && " $GPU_CHECK_ONLY " != *" $name "* ]]; then
+    report "- **$name**: skipped (not in GPU_CHECK_ONLY)"
+    return 2
+  fi
   echo "== $name (limit ${limit}s)" >&2
   timeout "$limit" "$@" >"$WORK/$name.log" 2>&1
   rc=$?
@@ -112,14 +119,23 @@ stage bench_real_size 90 "$PY" tests/benchmarks/bench_real_size.py --steps 20 --
 stage train_reference 50 "$PY" -m orchestrator.cli train sweeps/configs/reference_cpu.yaml device=cuda \
   max_steps=50 output_dir="$WORK/reference"
 
-# 6. only when the stages above left time: the opt-in torch.compile of the UNet, SDS and ASD (the first
+# 6. the amortized trainer (one process, no Ray): on the reference benchmark, then with sd21-shaped at
+#    64 px, 4 prompts a step, and one `dreamsweep generate` for an unseen prompt
+stage train_amortized_reference 60 "$PY" -m orchestrator.cli train sweeps/configs/amortized_reference_cpu.yaml \
+  device=cuda output_dir="$WORK/amortized_reference"
+stage train_amortized_sd21 90 "$PY" -m orchestrator.cli train sweeps/configs/amortized_tiny_cpu.yaml device=cuda \
+  prior.name=sd21-shaped resolution=64 batch_size=4 max_steps=100 renderer.num_samples_per_ray=64 \
+  logging.log_every=25 logging.checkpoint_every=0 output_dir="$WORK/amortized_sd21" &&
+  stage generate_sd21 30 "$PY" -m orchestrator.cli generate "$WORK/amortized_sd21" "a red apple on a table"
+
+# 7. only when the stages above left time: the opt-in torch.compile of the UNet, SDS and ASD (the first
 #    steps compile; each UNet batch shape compiles once, so VSD's LoRA switching is left out)
-if (( SECONDS - START < 300 )); then
+if (( SECONDS - START < 330 )); then
   stage bench_compiled 150 "$PY" tests/benchmarks/bench_real_size.py --steps 20 --warmup 5 --methods sds,asd \
     --json "$WORK/bench_compiled.json" device=cuda renderer.estimator=$ESTIMATOR \
     renderer.num_samples_per_ray=512 prior.cache_dir="$DREAMSWEEP_CACHE" prior.compile_unet=true
 else
-  report "- **bench_compiled**: skipped (under 300 s were left of the 8 minutes)"
+  report "- **bench_compiled**: skipped (over 330 s were spent)"
 fi
 
 report "" "## Results" ""
@@ -135,6 +151,11 @@ if [[ -f "$WORK/bench_compiled.json" ]]; then
   report "The same with prior.compile_unet=true, SDS and ASD:" '```' \
     "$(sed -n '/^prior=/,$p' "$WORK/bench_compiled.log")" '```'
 fi
+for run in amortized_reference amortized_sd21; do
+  if [[ -f "$WORK/$run/metrics.yaml" ]]; then
+    report "$run (metrics.yaml):" '```' "$(grep -E 'it_per_s|eval/' "$WORK/$run/metrics.yaml")" '```'
+  fi
+done
 for run in asd_sd21 reference; do
   turntable="$(ls "$WORK/$run"/turntable.* 2>/dev/null | head -n 1)"
   report "- $run turntable: ${turntable:+written ($(stat -c %s "$turntable") bytes)}${turntable:-MISSING}"
