@@ -5,6 +5,9 @@ once per worker (tests/benchmarks/bench_sweep_overhead.py). A reference-prior tr
 needs no diffusers, peft or transformers: those load inside the priors, VSD's LoRA and the CLIP
 evaluation that use them. Checked in a fresh interpreter, since this test session has imported them.
 (torch._dynamo is not checked: every torch.optim optimizer imports it when it is built.)
+
+`dreamsweep train` needs no orchestration library either: the GPU check (tests/benchmarks/gpu_check.sh)
+runs it on a machine that has PyTorch and the diffusion stack, but no Ray, MLflow or Optuna.
 """
 
 from __future__ import annotations
@@ -38,10 +41,22 @@ print(json.dumps({"prior": type(trainer.prior).__name__, "modules": sorted(sys.m
 """
 
 
-def worker_modules(tmp_path: Path, config: str) -> dict:
+# `dreamsweep train` on the quickstart's config at small sizes, through the CLI's own entry point.
+TRAIN_COMMAND = """
+import json, sys
+from orchestrator.cli import main
+code = main(["train", sys.argv[1], "max_steps=2", "prior.image_size=16", "resolution=16",
+             f"prior.cache_dir={sys.argv[2]}", "prior.reference.n_views=4", "camera.fixed_views=4",
+             f"output_dir={sys.argv[2]}/run", "logging.turntable_frames=2"])
+print(json.dumps({"exit_code": code, "modules": sorted(sys.modules)}))
+"""
+ORCHESTRATION = ("ray", "mlflow", "optuna", "sqlalchemy")
+
+
+def worker_modules(tmp_path: Path, config: str, script: str = WORKER) -> dict:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     done = subprocess.run(
-        [sys.executable, "-c", WORKER, config, str(tmp_path)],
+        [sys.executable, "-c", script, config, str(tmp_path)],
         capture_output=True,
         text=True,
         cwd=ROOT,
@@ -57,3 +72,11 @@ def test_a_reference_prior_trial_imports_no_diffusion_library(tmp_path: Path) ->
     assert seen["prior"] == "CameraConditionedReferencePrior"  # the trial really built the quickstart's prior
     imported = {name.partition(".")[0] for name in seen["modules"]} & set(DIFFUSION_STACK)
     assert not imported, f"a reference-prior trial imported {sorted(imported)}"
+
+
+def test_dreamsweep_train_imports_no_orchestration_library(tmp_path: Path) -> None:
+    seen = worker_modules(tmp_path, str(ROOT / "sweeps/configs/reference_cpu.yaml"), TRAIN_COMMAND)
+    assert seen["exit_code"] == 0
+    assert (tmp_path / "run" / "metrics.yaml").exists()  # the run really trained and finished
+    imported = {name.partition(".")[0] for name in seen["modules"]} & set(ORCHESTRATION)
+    assert not imported, f"dreamsweep train imported {sorted(imported)}"
