@@ -27,9 +27,11 @@ MLflowLoggerCallback (results and the trial folder as artifacts), checkpoints re
 figures are printed beside dreamsweep's (`--no-baseline` skips it). It runs second, so its driver
 finds the libraries already imported; its workers are new processes like dreamsweep's.
 
-The real trainer runs tiny-sd at 32x32 with `--steps` steps per trial (the default aims at ~10 s on an
-idle 2-core CPU; the printed mean trial time says what it was). `--trainer fake` replaces training by
-a busy loop of known length, which isolates the orchestration cost.
+The real trainer runs tiny-sd at 32x32 (`--prior tiny-sd`, diffusers' modules at toy size) or the
+quickstart's reference-prior config (`--prior reference`, no diffusion library) with `--steps` steps
+per trial (the default, 50, gives ~10 s trials with tiny-sd on the 2-core CPU, two trials at a time;
+the printed mean trial time says what it was). `--trainer fake` replaces training by a busy loop of
+known length, which isolates the orchestration cost.
 """
 
 from __future__ import annotations
@@ -44,6 +46,9 @@ import sys
 import tempfile
 import time
 from collections import defaultdict
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def main() -> None:
@@ -51,7 +56,14 @@ def main() -> None:
     parser.add_argument("--trials", type=int, default=16)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--trainer", choices=("real", "fake"), default="real")
-    parser.add_argument("--steps", type=int, default=115, help="steps per trial (real trainer)")
+    parser.add_argument(
+        "--prior",
+        choices=("tiny-sd", "reference"),
+        default="tiny-sd",
+        help="the real trainer's prior: tiny-sd (diffusers' UNet, VAE and CLIP at toy size) or the "
+        "quickstart's reference prior (sweeps/configs/reference_cpu.yaml; no diffusion library)",
+    )
+    parser.add_argument("--steps", type=int, default=50, help="steps per trial (real trainer)")
     parser.add_argument("--trial-seconds", type=float, default=10.0, help="seconds per trial (fake trainer)")
     parser.add_argument("--no-baseline", action="store_true", help="skip the plain Ray Tune baseline")
     args = parser.parse_args()
@@ -66,21 +78,24 @@ def main() -> None:
     from orchestrator.run.workspace import Workspace
 
     steps = fake_steps if args.trainer == "fake" else args.steps
-    spec = {
-        "name": "overhead",
-        "kind": "search",
-        "base": {
+    logging = {"log_every": 5, "checkpoint_every": steps // 2, "val_views": 1, "turntable_frames": 4}
+    if args.prior == "reference":  # the quickstart's trainer config, as its sweeps run it
+        base = str(ROOT / "sweeps/configs/reference_cpu.yaml")
+        overrides = {"max_steps": steps} | {f"logging.{key}": value for key, value in logging.items()}
+    else:
+        base = {
             "max_steps": steps,
             "resolution": 32,
             "geometry": {"encoding": {"n_levels": 4, "log2_hashmap_size": 12}},
             "renderer": {"num_samples_per_ray": 16},
-            "logging": {
-                "log_every": 5,
-                "checkpoint_every": steps // 2,
-                "val_views": 1,
-                "turntable_frames": 4,
-            },
-        },
+            "logging": logging,
+        }
+        overrides = {}
+    spec = {
+        "name": "overhead",
+        "kind": "search",
+        "base": base,
+        "overrides": overrides,
         "prompts": {"items": ["a red cube"]},
         "search": {"space": {"guidance.eta": {"type": "float", "low": 0.0, "high": 1.0}}},
         "objective": {"metric": "train/loss", "mode": "min"},
@@ -123,7 +138,8 @@ def main() -> None:
             baseline = run_baseline(spec, args, runtime, root)
     ray.shutdown()
 
-    print(f"\nsweep of {args.trials} trials on {args.workers} workers, trainer={args.trainer}")
+    prior = f", prior={args.prior}" if args.trainer == "real" else ""
+    print(f"\nsweep of {args.trials} trials on {args.workers} workers, trainer={args.trainer}{prior}")
     print(f"  ray.init (not counted)    {ray_start_s:8.2f} s")
     print(f"  new workspace's databases {stores_s:8.2f} s   (not counted: once per workspace)")
     columns = [ours] + ([baseline] if baseline else [])
@@ -201,7 +217,11 @@ def run_baseline(spec: dict, args, runtime: dict, root: str) -> Figures:
 
     started, started_at = time.perf_counter(), time.time()
     trainable = tune.with_parameters(
-        baseline_trial, base=spec["base"], prompt=spec["prompts"]["items"][0], runtime=runtime
+        baseline_trial,
+        base=spec["base"],
+        overrides=spec["overrides"],
+        prompt=spec["prompts"]["items"][0],
+        runtime=runtime,
     )
     tuner = tune.Tuner(
         tune.with_resources(trainable, {"cpu": 1}),
@@ -230,7 +250,7 @@ def run_baseline(spec: dict, args, runtime: dict, root: str) -> Figures:
     return Figures("plain Tune", complete, fit_ended - started, started_at, timings, results)
 
 
-def baseline_trial(config: dict, base: dict, prompt: str, runtime: dict) -> None:
+def baseline_trial(config: dict, base: dict | str, overrides: dict, prompt: str, runtime: dict) -> None:
     """A plain function trainable: build the config, load the prior, train, report to Tune."""
     import importlib
 
@@ -248,7 +268,8 @@ def baseline_trial(config: dict, base: dict, prompt: str, runtime: dict) -> None
     load_prior = function(runtime.get("load_prior_fn", "trainers.priors:load_prior"))
     trial_dir = tune.get_context().get_trial_dir()
     cfg = load_train_config(
-        base, {"guidance.eta": config["eta"], "prompt": prompt, "output_dir": f"{trial_dir}/out"}
+        base,
+        {**overrides, "guidance.eta": config["eta"], "prompt": prompt, "output_dir": f"{trial_dir}/out"},
     )
     prior = load_prior(cfg.prior, "cpu")
     latest: dict[str, float] = {}
