@@ -14,8 +14,7 @@ Runs are appended to `--out/runs.jsonl` as they finish (a rerun skips those alre
 report writes `--out/results.md`, `--out/curves.png` (the methods at the library size most runs
 have), `--out/library_size.png` (ASD and VSD against the number of prompts) and
 `--out/renders_n<prompts>.png` (each run's last validation grid beside the true scenes), and copies
-each run's grid. Overrides (`key=value`) go before the options: `--prompts`, `--vsd-prompts` and
-`--methods` take every word after them.
+each run's grid. Overrides (`key=value`) may stand anywhere, after a list option too.
 
 `--jobs N` trains N runs at once, each in its own process with `--threads` torch threads (on a
 2-core CPU: `--jobs 2 --threads 1`); every process loads its own prior.
@@ -317,7 +316,11 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=1, help="runs trained at once, each in a process")
     parser.add_argument("--threads", type=int, default=0, help="torch threads per process (0: torch's)")
     parser.add_argument("overrides", nargs="*", help="dotted key=value for every run, e.g. resolution=16")
-    args = parser.parse_args()
+    # A `key=value` word is an override wherever it stands: the list options would otherwise take it.
+    words = sys.argv[1:]
+    overrides = [w for w in words if "=" in w and not w.startswith("-")]
+    args = parser.parse_args([w for w in words if w not in overrides])
+    args.overrides = overrides
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     if not args.report:
