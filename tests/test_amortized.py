@@ -32,7 +32,7 @@ from trainers.amortized.prompt_library import (
 )
 from trainers.checkpoint import latest_checkpoint, load_checkpoint
 from trainers.geometry.hash_grid import HashGridConfig
-from trainers.priors.base import PriorOutOfMemoryError
+from trainers.priors.base import TrainingOutOfMemoryError
 from trainers.reference.scenes import prompt_split
 from trainers.reference.text_encoder import SceneTextEncoder, TextEncoderConfig
 
@@ -355,6 +355,6 @@ def test_out_of_memory_in_the_backward_names_the_config_keys_that_reduce_memory(
 ):
     trainer = AmortizedTrainer(tiny(tmp_path), tiny_sd_prior, progress=False)
     monkeypatch.setattr(torch.Tensor, "backward", exhausted)
-    with pytest.raises(PriorOutOfMemoryError) as caught:
+    with pytest.raises(TrainingOutOfMemoryError) as caught:
         trainer.training_step()
     assert_names_the_memory_keys(caught.value, "the backward pass of step 0")

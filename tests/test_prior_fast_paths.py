@@ -20,7 +20,7 @@ from trainers.priors.base import (
     FastPathFallback,
     FastPaths,
     PriorConfig,
-    PriorOutOfMemoryError,
+    TrainingOutOfMemoryError,
     resolve_fast_paths,
 )
 from trainers.priors.stable_diffusion import LATENT_TO_RGB, StableDiffusionPrior, _freeze
@@ -237,7 +237,7 @@ def test_out_of_memory_names_the_config_keys_that_reduce_memory(tiny_sd_dir, par
         def call():
             return prior.encode_images(torch.rand(1, 3, 64, 64))
 
-    with pytest.raises(PriorOutOfMemoryError) as caught:
+    with pytest.raises(TrainingOutOfMemoryError) as caught:
         call()
     message = str(caught.value)
     assert isinstance(caught.value, torch.OutOfMemoryError)  # code catching OOM still catches it

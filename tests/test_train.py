@@ -8,7 +8,7 @@ import torch
 from trainers.checkpoint import latest_checkpoint, list_checkpoints
 from trainers.config import load_train_config
 from trainers.per_prompt import NonFiniteLossError, Trainer, reported_metrics, train
-from trainers.priors.base import PriorOutOfMemoryError
+from trainers.priors.base import TrainingOutOfMemoryError
 
 # Small but real: hash grid, nerfacc rendering, tiny-sd UNet + VAE + CLIP text encoder.
 TINY = [
@@ -124,7 +124,7 @@ def exhausted(*args, **kwargs):
     raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
 
-def assert_names_the_memory_keys(error: PriorOutOfMemoryError, where: str) -> None:
+def assert_names_the_memory_keys(error: TrainingOutOfMemoryError, where: str) -> None:
     message = str(error)
     assert isinstance(error, torch.OutOfMemoryError)  # code catching OOM still catches it
     assert f"out of memory in {where}" in message and "Tried to allocate 2.00 GiB" in message
@@ -146,7 +146,7 @@ def test_out_of_memory_anywhere_in_a_step_names_the_config_keys_that_reduce_memo
     trainer = Trainer(tiny_config(tmp_path), tiny_sd_prior)
     trainer.training_step()
     monkeypatch.setattr(*patched(trainer), exhausted)
-    with pytest.raises(PriorOutOfMemoryError) as caught:
+    with pytest.raises(TrainingOutOfMemoryError) as caught:
         trainer.training_step()
     trainer.close()
     assert_names_the_memory_keys(caught.value, where)

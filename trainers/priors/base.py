@@ -205,8 +205,9 @@ MEMORY_KEYS = (
 )
 
 
-class PriorOutOfMemoryError(torch.OutOfMemoryError):
-    """torch's out-of-memory error, with the config keys that reduce memory in its message."""
+class TrainingOutOfMemoryError(torch.OutOfMemoryError):
+    """torch's out-of-memory error from a training step (prior, render, backward or optimizer step),
+    with the config keys that reduce memory in its message."""
 
 
 @contextmanager
@@ -214,11 +215,11 @@ def out_of_memory_hint(where: str) -> Iterator[None]:
     """Re-raise an out-of-memory error from `where` naming the config keys that reduce memory."""
     try:
         yield
-    except PriorOutOfMemoryError:
+    except TrainingOutOfMemoryError:
         raise
     except torch.OutOfMemoryError as exc:
         keys = "\n  ".join(MEMORY_KEYS)
-        raise PriorOutOfMemoryError(
+        raise TrainingOutOfMemoryError(
             f"out of memory in {where}: {str(exc).splitlines()[0] if str(exc) else 'no detail'}\n"
             f"To use less memory, lower one of these config keys:\n  {keys}"
         ) from exc
