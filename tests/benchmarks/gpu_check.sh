@@ -157,8 +157,13 @@ for run in amortized_reference amortized_sd21; do
   fi
 done
 for run in asd_sd21 reference; do
+  [[ -d "$WORK/$run" ]] || continue  # its stage did not run (GPU_CHECK_ONLY)
   turntable="$(ls "$WORK/$run"/turntable.* 2>/dev/null | head -n 1)"
-  report "- $run turntable: ${turntable:+written ($(stat -c %s "$turntable") bytes)}${turntable:-MISSING}"
+  if [[ -n "$turntable" ]]; then
+    report "- $run turntable: written ($(stat -c %s "$turntable") bytes)"
+  else
+    report "- $run turntable: MISSING"
+  fi
 done
 report "" "Total: $((SECONDS - START)) s. Peak GPU memory is torch's max_memory_allocated (the caching allocator reserves more)."
 # Every stage's whole log and the benchmarks' JSON come back beside the report (one file).
