@@ -15,11 +15,13 @@ __all__ = ["TrainingResult", "PRIVATE_DETAILS", "ray_package_limit_bytes", "ray_
 
 
 def ray_package_limit_bytes() -> int:
-    """The largest working_dir Ray uploads to a cluster (its gRPC message limit); public only as an
-    error after the upload was packed."""
+    """The largest working_dir a job can upload: the GCS's package limit, and below it the head
+    dashboard's HTTP request-body limit that the Jobs API's upload goes through (100 MiB in Ray 2.60;
+    over it the upload fails with HTTP 413). Public only as errors after the upload was packed."""
+    from ray._private.ray_constants import DASHBOARD_CLIENT_MAX_SIZE
     from ray._private.runtime_env.packaging import GCS_STORAGE_MAX_SIZE
 
-    return int(GCS_STORAGE_MAX_SIZE)
+    return min(int(GCS_STORAGE_MAX_SIZE), int(DASHBOARD_CLIENT_MAX_SIZE))
 
 
 def ray_cluster_schema() -> dict:
@@ -89,7 +91,9 @@ def _optuna_storage() -> None:
 
 
 def _package_limit() -> None:
-    assert ray_package_limit_bytes() > 2**20, "ray._private.runtime_env.packaging.GCS_STORAGE_MAX_SIZE"
+    assert ray_package_limit_bytes() > 2**20, (
+        "ray._private.runtime_env.packaging.GCS_STORAGE_MAX_SIZE, ray._private.ray_constants.DASHBOARD_CLIENT_MAX_SIZE"
+    )
 
 
 def _cluster_schema() -> None:

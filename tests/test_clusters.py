@@ -225,6 +225,8 @@ def test_the_upload_is_the_project_as_git_sees_it_minus_excludes(tmp_path):
     (root / "big.ckpt").write_bytes(b"0" * 1000)
     (root / "dreamsweep-workspace").mkdir()
     (root / "dreamsweep-workspace" / "mlflow.db").write_text("local store")
+    (root / "mlruns" / "1").mkdir(parents=True)
+    (root / "mlruns" / "1" / "model.bin").write_text("MLflow's default local store")
     (root / "data").mkdir()
     (root / "data" / "cache.bin").write_text("excluded by cluster.excludes")
     (root / ".gitignore").write_text("*.ckpt\n")
@@ -232,6 +234,23 @@ def test_the_upload_is_the_project_as_git_sees_it_minus_excludes(tmp_path):
     subprocess.run(["git", "add", "pkg", ".gitignore"], cwd=root, check=True)
     files = {p.as_posix() for p in jobs.project_files(root, ["data"])}
     assert files == {".gitignore", "pkg/code.py", "notes.md"}
+
+
+def test_a_project_over_the_upload_limit_is_refused_naming_its_largest_files(tmp_path, monkeypatch):
+    root = tmp_path / "project"
+    root.mkdir()
+    (root / "code.py").write_text("x = 1\n")
+    (root / "renders.npz").write_bytes(b"0" * 5000)
+    monkeypatch.setattr(jobs, "upload_limit_bytes", lambda: 4096)
+    with pytest.raises(ClusterError, match=r"renders\.npz .*add them to \.gitignore or cluster\.excludes"):
+        jobs.stage(None, [], root=root)
+
+
+def test_the_upload_limit_is_the_dashboards_request_limit_where_that_is_lower():
+    # The Jobs API uploads the package through the head's dashboard; over its request limit: HTTP 413.
+    from ray._private.ray_constants import DASHBOARD_CLIENT_MAX_SIZE
+
+    assert jobs.upload_limit_bytes() <= DASHBOARD_CLIENT_MAX_SIZE
 
 
 def test_the_job_carries_a_self_contained_spec(tmp_path):

@@ -46,8 +46,9 @@ RUNTIME_IN_JOB = ".dreamsweep/runtime.json"
 HEAD_WORKSPACE = "${DREAMSWEEP_WORKSPACE:-$HOME/dreamsweep-workspace}"
 META_SWEEP, META_ACTION, META_WORKSPACE = "dreamsweep.sweep", "dreamsweep.action", "dreamsweep.workspace"
 ACTIVE = ("PENDING", "RUNNING")
-# Never uploaded, whatever .gitignore says: version control and local stores.
-ALWAYS_EXCLUDED = (".git", ".venv", "dreamsweep-workspace", "__pycache__")
+# Never uploaded, whatever .gitignore says: version control and local stores (mlruns: MLflow's
+# default file store, which a script logging without a tracking URI leaves in the current folder).
+ALWAYS_EXCLUDED = (".git", ".venv", "dreamsweep-workspace", "mlruns", "__pycache__")
 
 
 def resolve_address(given: str | None) -> str | None:
