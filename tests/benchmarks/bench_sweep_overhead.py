@@ -211,8 +211,9 @@ def run_baseline(spec: dict, args, runtime: dict, root: str) -> Figures:
 
     mlflow_uri = f"sqlite:///{root}/baseline-mlflow.db"
     optuna_url = f"sqlite:///{root}/baseline-optuna.db"
-    # Created beforehand, as for dreamsweep (a tracking store and a study storage already exist).
-    MlflowClient(mlflow_uri).search_experiments()
+    # Created beforehand, as for dreamsweep (a tracking store and a study storage already exist). The
+    # experiment keeps its artifacts beside it: MLflow's default would be ./mlruns in the project.
+    MlflowClient(mlflow_uri).create_experiment("baseline", artifact_location=f"{root}/baseline-artifacts")
     storage = optuna.storages.RDBStorage(optuna_url, engine_kwargs={"connect_args": {"timeout": 60}})
 
     started, started_at = time.perf_counter(), time.time()
