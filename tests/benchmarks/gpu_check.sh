@@ -20,7 +20,8 @@
 #   6. the amortized trainer on CUDA: the reference benchmark's config, then sd21-shaped at 64 px with 4
 #      prompts a step, and `dreamsweep generate` from that run;
 #   7. if under 5 minutes were spent: step 4 again for SDS and ASD with the opt-in torch.compile.
-# GPU_CHECK_ONLY="install build_sd21_shaped ..." runs only the stages it names.
+# GPU_CHECK_ONLY="install build_sd21_shaped ..." runs only the stages it names;
+# GPU_CHECK_TRAIN_OVERRIDES="prior.compile_unet=true" adds key=value words to step 3's run.
 #
 # The wheels. The GPU image has PyTorch, transformers, peft, numpy, PyYAML, imageio, matplotlib, tqdm,
 # rich, safetensors and huggingface_hub; it lacks diffusers, nerfacc and pydantic (and what they need).
@@ -52,7 +53,7 @@ mkdir -p "$(dirname "$REPORT")"
 
 report() { printf '%s\n' "$@" >>"$REPORT"; }
 # stage NAME LIMIT_S COMMAND...: run with a time limit, log to $WORK/NAME.log, report status and time;
-# returns the command's status. The limits of stages 1-6 add up to 10 minutes (a normal run takes about
+# returns the command's status. The limits of stages 1-6 add up to 11 minutes (a normal run takes about
 # half of that); stage 7 runs only inside them.
 stage() {
   local name=$1 limit=$2 t0=$SECONDS rc
@@ -107,8 +108,9 @@ report "- tinycudann: $("$PY" -c 'import tinycudann; print("imports")' 2>/dev/nu
 
 # 3. 200 ASD steps at real size with the occupancy grid (the random weights are built first, once)
 stage build_sd21_shaped 80 "$PY" -c "from trainers.priors.sd21_shaped import build_sd21_shaped as b; b('$DREAMSWEEP_CACHE/sd21-shaped')"
-stage train_asd_sd21 90 "$PY" -m orchestrator.cli train tests/benchmarks/gpu_sd21_asd.yaml \
-  renderer.estimator=$ESTIMATOR output_dir="$WORK/asd_sd21"
+# shellcheck disable=SC2086  # GPU_CHECK_TRAIN_OVERRIDES: more key=value words for this run
+stage train_asd_sd21 150 "$PY" -m orchestrator.cli train tests/benchmarks/gpu_sd21_asd.yaml \
+  renderer.estimator=$ESTIMATOR output_dir="$WORK/asd_sd21" ${GPU_CHECK_TRAIN_OVERRIDES:-}
 
 # 4. the four methods side by side at real size
 stage bench_real_size 90 "$PY" tests/benchmarks/bench_real_size.py --steps 20 --warmup 5 \
@@ -140,7 +142,7 @@ fi
 
 report "" "## Results" ""
 if [[ -f "$WORK/asd_sd21/metrics.yaml" ]]; then
-  report "200 ASD steps, sd21-shaped, 64 px, renderer.estimator=$ESTIMATOR (metrics.yaml; it/s over the last 50 steps):" '```' \
+  report "200 ASD steps, sd21-shaped, 64 px, renderer.estimator=$ESTIMATOR ${GPU_CHECK_TRAIN_OVERRIDES:+$GPU_CHECK_TRAIN_OVERRIDES }(metrics.yaml; it/s over the last 50 steps):" '```' \
     "$(grep -E 'it_per_s|loss_guidance|opacity' "$WORK/asd_sd21/metrics.yaml")" '```'
 fi
 if [[ -f "$WORK/bench.json" ]]; then
