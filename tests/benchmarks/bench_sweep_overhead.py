@@ -321,24 +321,37 @@ def create_stores(workspace, spec: dict) -> None:
     subprocess.run([sys.executable, "-c", code, str(workspace.root), json.dumps(spec)], check=True)
 
 
+def lanes(results: list[dict], workers: int) -> list[list[dict]]:
+    """The trials as at most `workers` lanes of trials that ran one after another, by time: a lane is a
+    worker slot, whether its trials shared one process (dreamsweep reuses actors) or each had a new one
+    (the baseline), in which case a new process's start counts as a gap between trials."""
+    slots: list[list[dict]] = []
+    for result in sorted(results, key=lambda r: r["trial/entered_at"]):
+        free = [lane for lane in slots if lane[-1]["trial/left_at"] <= result["trial/entered_at"]]
+        if free:
+            min(free, key=lambda lane: lane[-1]["trial/left_at"]).append(result)
+        elif len(slots) < workers:
+            slots.append([result])
+        else:  # timestamps overlap by a clock's jitter: the lane that frees first
+            min(slots, key=lambda lane: lane[-1]["trial/left_at"]).append(result)
+    return slots
+
+
 def breakdown(timings: dict[str, float], started_at: float, results: list[dict], workers: int) -> list:
-    """Where the overhead went, in seconds of wall time (worker-side parts averaged over the workers):
+    """Where the overhead went, in seconds of wall time (worker-side parts averaged over the lanes):
     wall - ideal = setup + finalize + (start delay + gaps + in-trial extra + callbacks + idle at end) / W."""
     fit_start = started_at + timings["setup"]
     fit_end = fit_start + timings["fit"]
-    by_worker: dict[int, list[dict]] = defaultdict(list)
-    for result in results:
-        by_worker[result["worker/pid"]].append(result)
     start_delay = gaps = extra = hooks = end_idle = 0.0
-    for trials in by_worker.values():
-        trials.sort(key=lambda r: r["trial/entered_at"])
+    by_lane = lanes(results, workers)
+    for trials in by_lane:
         start_delay += trials[0]["trial/entered_at"] - fit_start
         gaps += sum(b["trial/entered_at"] - a["trial/left_at"] for a, b in itertools.pairwise(trials))
         hooks += sum(r["trial/hooks_s"] for r in trials)
         extra += sum(r["trial/wall_s"] - r["trial/compute_s"] - r["trial/hooks_s"] for r in trials)
         end_idle += fit_end - trials[-1]["trial/left_at"]
-    # A worker that never ran a trial idles for the whole fit.
-    start_delay += (workers - len(by_worker)) * timings["fit"]
+    # A lane that never ran a trial idles for the whole fit.
+    start_delay += (workers - len(by_lane)) * timings["fit"]
     return [
         ("driver setup (spec -> Tuner.fit)", timings["setup"]),
         ("first trial start (per worker)", start_delay / workers),
