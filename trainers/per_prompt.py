@@ -102,6 +102,24 @@ def optimize(
         optimizer.step()
 
 
+def step_metrics(
+    total: torch.Tensor,
+    terms: dict[str, torch.Tensor],
+    opacity: torch.Tensor,
+    guided,
+    timestep_range: tuple[float, float],
+) -> dict[str, float]:
+    """What a training step reports: the loss and its terms (VSD's LoRA fit left out: it is the LoRA's
+    loss, not the 3D model's), the mean opacity, the guidance's diagnostics and the step's t range.
+    Shared by the per-prompt and amortized loops."""
+    t_min, t_max = timestep_range
+    metrics = {"train/loss": float(total.detach()), "train/opacity": float(opacity.detach().mean())}
+    metrics |= {f"train/loss_{name}": float(v.detach()) for name, v in terms.items() if name != "loss_lora"}
+    metrics |= guided.metrics()
+    metrics |= {"train/t_min": float(t_min), "train/t_max": float(t_max)}
+    return metrics
+
+
 def reported_metrics(config: TrainConfig) -> set[str]:
     """Every metric name `train` reports for this config (orchestrators validate objectives against it)."""
     names = {"train/loss", "train/loss_guidance", "train/grad_norm", "train/t", "train/t_min", "train/t_max"}
@@ -219,20 +237,7 @@ class Trainer:
         total = sum(terms.values())
         optimize(total, self.optimizer, self.step)
         self.step += 1
-
-        t_min, t_max = self.guidance.timestep_range(self.step - 1)
-        metrics = {
-            "train/loss": float(total.detach()),
-            "train/opacity": float(out["opacity"].detach().mean()),
-        }
-        metrics |= {
-            f"train/loss_{name}": float(value.detach())
-            for name, value in terms.items()
-            if name != "loss_lora"
-        }
-        metrics |= guided.metrics()
-        metrics |= {"train/t_min": float(t_min), "train/t_max": float(t_max)}
-        return metrics
+        return step_metrics(total, terms, out["opacity"], guided, self.guidance.timestep_range(self.step - 1))
 
     # -- looking at the result ---------------------------------------------------------------------
 

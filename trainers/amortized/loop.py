@@ -57,7 +57,7 @@ from trainers.checkpoint import (
 from trainers.config import config_to_dict
 from trainers.evaluation import ground_truth as scene_metrics
 from trainers.guidance import make_guidance
-from trainers.per_prompt import TrainResult, loss_terms, optimize, seed_everything
+from trainers.per_prompt import TrainResult, loss_terms, optimize, seed_everything, step_metrics
 from trainers.priors import load_prior, resolve_device
 from trainers.priors.base import DiffusionPrior, default_cache_dir, out_of_memory_hint
 from trainers.reference.config import REFERENCE_PRIORS
@@ -412,19 +412,9 @@ class AmortizedTrainer:
         # DDP averages the model's gradients over ranks in the backward; VSD's score is averaged by hand.
         optimize(total, self.optimizer, self.step, reduce_grads=self._average_guidance_grads)
         self.step += 1
-
-        t_min, t_max = self.guidance.timestep_range(self.step - 1)
-        metrics = {
-            "train/loss": float(total.detach()),
-            "train/opacity": float(out["opacity"].detach().mean()),
-        }
-        metrics |= {
-            f"train/loss_{name}": float(value.detach())
-            for name, value in terms.items()
-            if name != "loss_lora"
-        }
-        metrics |= guided.metrics()
-        metrics |= {"train/t_min": float(t_min), "train/t_max": float(t_max)}
+        metrics = step_metrics(
+            total, terms, out["opacity"], guided, self.guidance.timestep_range(self.step - 1)
+        )
         metrics["train/epoch"] = self.step / self.steps_per_epoch
         return metrics
 
