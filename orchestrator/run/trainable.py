@@ -94,9 +94,8 @@ class SweepContext:
     extra_overrides: dict[str, Any] = field(default_factory=dict)
     trainer: str = "per-prompt"  # or "amortized": see run_amortized_trial
     trainer_keys: dict[str, Any] = field(default_factory=dict)  # amortized: {"prompts": the spec's source}
-    tune_path: str = (
-        ""  # the sweep's Tune storage (amortized: its trials' Ray Train runs keep checkpoints there)
-    )
+    # The sweep's Tune storage (amortized: its trials' Ray Train runs keep checkpoints there).
+    tune_path: str = ""
 
 
 def import_function(path: str) -> Callable:
