@@ -60,6 +60,73 @@ def add_noise(alphas_cumprod: torch.Tensor, x0: torch.Tensor, noise: torch.Tenso
     return alpha.sqrt() * x0 + (1 - alpha).sqrt() * noise
 
 
+@dataclass
+class PriorRows:
+    """The rows one guidance step asks the prior for: ε̂(x_t, t, text[, camera]) per row.
+
+    Rows of several guidance steps (a pack's members) can be concatenated into one prior call, since
+    every prior predicts each row independently of the others."""
+
+    x_t: torch.Tensor
+    t: torch.Tensor
+    embeddings: torch.Tensor
+    class_labels: torch.Tensor | None = None
+
+    def __len__(self) -> int:
+        return self.x_t.shape[0]
+
+
+def distillation_inputs(
+    method: str,
+    alphas_cumprod: torch.Tensor,
+    x0: torch.Tensor,
+    t: torch.Tensor,
+    noise: torch.Tensor,
+    t_plus: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(x_t rows, t rows, cond mask) of SDS, CSD or ASD's one prior call: [uncond, cond] at t for SDS
+    and CSD, [uncond, cond at t, cond at t+Δt] for ASD, the same ε in every row of a render."""
+    method = method.lower()
+    if method not in ("sds", "csd", "asd"):
+        raise ValueError(f"distillation_grad: method must be 'sds', 'csd' or 'asd', got {method!r}")
+    if method == "asd" and t_plus is None:
+        raise ValueError("distillation_grad: method 'asd' needs t_plus (see asd_timestep_shift)")
+    batch = x0.shape[0]
+    x_t = add_noise(alphas_cumprod, x0, noise, t)
+    uncond = torch.zeros(batch, dtype=torch.bool, device=x0.device)
+    cond = torch.ones(batch, dtype=torch.bool, device=x0.device)
+    if method == "asd":
+        x_t_plus = add_noise(alphas_cumprod, x0, noise, t_plus)
+        return torch.cat([x_t, x_t, x_t_plus]), torch.cat([t, t, t_plus]), torch.cat([uncond, cond, cond])
+    return torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([uncond, cond])
+
+
+def distillation_combine(
+    method: str,
+    eps: torch.Tensor,
+    alphas_cumprod: torch.Tensor,
+    x0: torch.Tensor,
+    t: torch.Tensor,
+    noise: torch.Tensor,
+    *,
+    cfg_scale: float,
+) -> torch.Tensor:
+    """The method's gradient on x0 from the predictions of `distillation_inputs`' rows."""
+    method = method.lower()
+    batch = x0.shape[0]
+    if method == "asd":
+        eps_uncond, eps_cond, eps_cond_plus = eps.split(batch)
+    else:
+        eps_uncond, eps_cond = eps.split(batch)
+    weight = 1 - _per_sample(alphas_cumprod.to(x0.device)[t], x0)
+    if method == "csd":
+        return weight * cfg_scale * (eps_cond - eps_uncond)
+    eps_cfg = eps_uncond + cfg_scale * (eps_cond - eps_uncond)
+    if method == "sds":
+        return weight * (eps_cfg - noise)
+    return weight * (eps_cfg - eps_cond_plus)
+
+
 def distillation_grad(
     method: str,
     eps_fn: EpsFn,
@@ -76,33 +143,9 @@ def distillation_grad(
     All predictions of one step go through the prior in a single batched forward: [uncond, cond] for
     SDS and CSD, [uncond, cond, cond at t+Δt] for ASD.
     """
-    method = method.lower()
-    if method not in ("sds", "csd", "asd"):
-        raise ValueError(f"distillation_grad: method must be 'sds', 'csd' or 'asd', got {method!r}")
-    if method == "asd" and t_plus is None:
-        raise ValueError("distillation_grad: method 'asd' needs t_plus (see asd_timestep_shift)")
-    batch = x0.shape[0]
-    x_t = add_noise(alphas_cumprod, x0, noise, t)
-    uncond = torch.zeros(batch, dtype=torch.bool, device=x0.device)
-    cond = torch.ones(batch, dtype=torch.bool, device=x0.device)
-
-    if method == "asd":
-        x_t_plus = add_noise(alphas_cumprod, x0, noise, t_plus)
-        eps = eps_fn(
-            torch.cat([x_t, x_t, x_t_plus]), torch.cat([t, t, t_plus]), torch.cat([uncond, cond, cond])
-        )
-        eps_uncond, eps_cond, eps_cond_plus = eps.split(batch)
-    else:
-        eps = eps_fn(torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([uncond, cond]))
-        eps_uncond, eps_cond = eps.split(batch)
-
-    weight = 1 - _per_sample(alphas_cumprod.to(x0.device)[t], x0)
-    if method == "csd":
-        return weight * cfg_scale * (eps_cond - eps_uncond)
-    eps_cfg = eps_uncond + cfg_scale * (eps_cond - eps_uncond)
-    if method == "sds":
-        return weight * (eps_cfg - noise)
-    return weight * (eps_cfg - eps_cond_plus)
+    rows = distillation_inputs(method, alphas_cumprod, x0, t, noise, t_plus)
+    eps = eps_fn(*rows)
+    return distillation_combine(method, eps, alphas_cumprod, x0, t, noise, cfg_scale=cfg_scale)
 
 
 def asd_timestep_shift(
@@ -256,10 +299,13 @@ class Guidance(nn.Module):
         through the encoder. With prior.encoder=linear it is the latent size (64), mapped to latents by a
         fixed linear map; pixel-space priors take image_size directly.
         """
+        return self.prior.encode_images(self.resize_for_prior(images))
+
+    def resize_for_prior(self, images: torch.Tensor) -> torch.Tensor:
         size = self.prior.input_size
         if images.shape[-1] != size or images.shape[-2] != size:
             images = F.interpolate(images, (size, size), mode="bilinear", align_corners=False)
-        return self.prior.encode_images(images)
+        return images
 
     def eps_fn(
         self,
@@ -269,29 +315,53 @@ class Guidance(nn.Module):
     ) -> EpsFn:
         """Row i of the batch is conditioned on its own (view-dependent) prompt or on the empty prompt,
         and, for a camera-conditioned prior, on its render's camera (in every call: cond, uncond, t+Δt)."""
+        self._check_cameras(camera_vectors)
+
+        def fn(x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+            rows = self.rows(x_t, t, cond, cond_embeddings, uncond_embeddings, camera_vectors)
+            with torch.no_grad():
+                return self.prior.predict_noise(
+                    rows.x_t, rows.t, rows.embeddings, class_labels=rows.class_labels
+                )
+
+        return fn
+
+    def _check_cameras(self, camera_vectors: torch.Tensor | None) -> None:
         if self.prior.camera_conditioned and camera_vectors is None:
             raise ValueError(
                 f"{type(self.prior).__name__} is camera-conditioned: guidance needs each render's camera "
                 "(camera_vectors=cameras.camera_vector())"
             )
 
-        def fn(x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
-            repeats = x_t.shape[0] // cond_embeddings.shape[0]
-            text = cond_embeddings.repeat(repeats, 1, 1)
-            uncond = uncond_embeddings.expand_as(text)
-            embeddings = torch.where(cond.view(-1, 1, 1), text, uncond)
-            cameras = camera_vectors.repeat(repeats, 1) if self.prior.camera_conditioned else None
-            with torch.no_grad():
-                return self.prior.predict_noise(x_t, t, embeddings, class_labels=cameras)
-
-        return fn
+    def rows(self, x_t, t, cond, cond_embeddings, uncond_embeddings, camera_vectors) -> PriorRows:
+        """The prior's inputs for rows (x_t, t, cond mask): each row's text (its render's prompt, or the
+        empty one) and, for a camera-conditioned prior, its render's camera."""
+        repeats = x_t.shape[0] // cond_embeddings.shape[0]
+        text = cond_embeddings.repeat(repeats, 1, 1)
+        uncond = uncond_embeddings.expand_as(text)
+        embeddings = torch.where(cond.view(-1, 1, 1), text, uncond)
+        cameras = camera_vectors.repeat(repeats, 1) if self.prior.camera_conditioned else None
+        return PriorRows(x_t, t, embeddings, cameras)
 
     def sample(self, batch: int, step: int, generator: torch.Generator) -> torch.Tensor:
         t_min, t_max = self.timestep_range(step)
         return torch.randint(t_min, t_max + 1, (batch,), generator=generator, device=generator.device)
 
-    def compute_grad(self, x0, t, noise, eps_fn, cameras, generator, step) -> tuple[torch.Tensor, dict]:
+    # -- the two ways a method computes its gradient -----------------------------------------------
+    # A method with `plan` (SDS, CSD, ASD) states its prior rows up front and combines their predictions
+    # afterwards, so that several members of a pack share one prior call (`trainers.step`). A method
+    # without it (VSD: its LoRA; supervised: no prior) runs `compute_grad` with the prior inline.
+
+    batchable: bool = False
+
+    def plan(self, x0, t, noise, generator, step) -> tuple[tuple, Callable[[torch.Tensor], tuple]]:
+        """((x_t rows, t rows, cond mask), combine(eps) -> (grad, extras)), drawing every random number
+        the step needs now (before the prior call)."""
         raise NotImplementedError
+
+    def compute_grad(self, x0, t, noise, eps_fn, cameras, generator, step) -> tuple[torch.Tensor, dict]:
+        inputs, combine = self.plan(x0, t, noise, generator, step)
+        return combine(eps_fn(*inputs))
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         """Parameters the guidance itself learns (VSD's LoRA); trained by the same optimizer."""
@@ -312,44 +382,125 @@ class Guidance(nn.Module):
         cameras: CameraBatch | None = None,
     ) -> GuidanceOutput:
         """`cameras` (or just their `camera_vectors`, flattened c2w) are the renders' cameras."""
+        request = self.prepare(
+            images,
+            cond_embeddings,
+            uncond_embeddings,
+            step=step,
+            generator=generator,
+            camera_vectors=camera_vectors,
+            cameras=cameras,
+        )
+        return request.finish(predict_rows(self.prior, [request.rows])[0] if request.rows else None)
+
+    def prepare(
+        self,
+        images: torch.Tensor,
+        cond_embeddings: torch.Tensor,
+        uncond_embeddings: torch.Tensor,
+        *,
+        step: int,
+        generator: torch.Generator,
+        camera_vectors: torch.Tensor | None = None,
+        cameras: CameraBatch | None = None,
+        x0: torch.Tensor | None = None,
+    ) -> GuidanceRequest:
+        """Everything of a step up to the prior call: the rows it needs, and how to finish from their ε̂.
+
+        `x0`: the renders already through `to_prior_input` (a pack encodes every member's renders in
+        one VAE call). The random draws happen here in the order `forward` always made them (t, ε,
+        then the method's own, e.g. ASD's Δt), so a member of a pack draws what it draws alone."""
         if camera_vectors is None and cameras is not None:
             camera_vectors = cameras.camera_vector()
+        if not self.batchable:
+            out = self.unbatched(
+                images, cond_embeddings, uncond_embeddings, step, generator, camera_vectors, cameras
+            )
+            return GuidanceRequest(None, lambda _eps: out)
+        self._check_cameras(camera_vectors)
+        x0 = self.to_prior_input(images) if x0 is None else x0
+        t, noise = self.sample_noise(x0, step, generator)
+        inputs, combine = self.plan(x0.detach(), t, noise, generator, step)
+        rows = self.rows(*inputs, cond_embeddings, uncond_embeddings, camera_vectors)
+        return GuidanceRequest(rows, lambda eps: self.output(x0, t, *combine(eps)))
+
+    def sample_noise(self, x0, step, generator) -> tuple[torch.Tensor, torch.Tensor]:
+        t = self.sample(x0.shape[0], step, generator).to(x0.device)
+        noise = torch.randn(x0.shape, generator=generator, device=generator.device).to(x0.device)
+        return t, noise
+
+    def unbatched(
+        self, images, cond_embeddings, uncond_embeddings, step, generator, camera_vectors, cameras
+    ) -> GuidanceOutput:
+        """A method that cannot share its prior call: the whole step at once, the prior called inline."""
         x0 = self.to_prior_input(images)
-        batch = x0.shape[0]
-        device = x0.device
-        t = self.sample(batch, step, generator).to(device)
-        noise = torch.randn(x0.shape, generator=generator, device=generator.device).to(device)
+        t, noise = self.sample_noise(x0, step, generator)
         eps_fn = self.eps_fn(cond_embeddings, uncond_embeddings, camera_vectors)
         grad, extras = self.compute_grad(x0.detach(), t, noise, eps_fn, camera_vectors, generator, step)
+        return self.output(x0, t, grad, extras)
+
+    def output(self, x0: torch.Tensor, t: torch.Tensor, grad: torch.Tensor, extras: dict) -> GuidanceOutput:
         grad = torch.nan_to_num(grad)
         if self.cfg.grad_clip is not None:
             grad = grad.clamp(-self.cfg.grad_clip, self.cfg.grad_clip)
         # Reparameterisation: d/dx0 of 0.5·||x0 − (x0 − grad)||² is grad, so autograd carries it to θ.
         target = (x0 - grad).detach()
-        loss = 0.5 * F.mse_loss(x0, target, reduction="sum") / batch
+        loss = 0.5 * F.mse_loss(x0, target, reduction="sum") / x0.shape[0]
         return GuidanceOutput(loss=loss, grad=grad, t=t, **extras)
+
+
+@dataclass
+class GuidanceRequest:
+    """A prepared guidance step: the prior rows it needs (None: already computed) and how to finish it."""
+
+    rows: PriorRows | None
+    finish: Callable[[torch.Tensor | None], GuidanceOutput]
+
+
+def predict_rows(prior: DiffusionPrior, rows: list[PriorRows]) -> list[torch.Tensor]:
+    """ε̂ for several requests' rows in one prior call, split back per request."""
+    with torch.no_grad():
+        labels = [r.class_labels for r in rows]
+        eps = prior.predict_noise(
+            torch.cat([r.x_t for r in rows]),
+            torch.cat([r.t for r in rows]),
+            torch.cat([r.embeddings for r in rows]),
+            class_labels=None if labels[0] is None else torch.cat(labels),
+        )
+    return list(eps.split([len(r) for r in rows]))
 
 
 class SDSGuidance(Guidance):
     method = "sds"
+    batchable = True
 
-    def compute_grad(self, x0, t, noise, eps_fn, cameras, generator, step):
+    def plan(self, x0, t, noise, generator, step):
         alphas = self.prior.alphas_cumprod
-        return distillation_grad("sds", eps_fn, alphas, x0, t, noise, cfg_scale=self.cfg.cfg_scale), {}
+        inputs = distillation_inputs("sds", alphas, x0, t, noise)
+        return inputs, lambda eps: (
+            distillation_combine("sds", eps, alphas, x0, t, noise, cfg_scale=self.cfg.cfg_scale),
+            {},
+        )
 
 
 class CSDGuidance(Guidance):
     method = "csd"
+    batchable = True
 
-    def compute_grad(self, x0, t, noise, eps_fn, cameras, generator, step):
+    def plan(self, x0, t, noise, generator, step):
         alphas = self.prior.alphas_cumprod
-        return distillation_grad("csd", eps_fn, alphas, x0, t, noise, cfg_scale=self.cfg.cfg_scale), {}
+        inputs = distillation_inputs("csd", alphas, x0, t, noise)
+        return inputs, lambda eps: (
+            distillation_combine("csd", eps, alphas, x0, t, noise, cfg_scale=self.cfg.cfg_scale),
+            {},
+        )
 
 
 class ASDGuidance(Guidance):
     method = "asd"
+    batchable = True
 
-    def compute_grad(self, x0, t, noise, eps_fn, cameras, generator, step):
+    def plan(self, x0, t, noise, generator, step):
         t_min, _ = self.timestep_range(step)
         t_plus = asd_timestep_shift(
             t.to(generator.device),
@@ -359,17 +510,12 @@ class ASDGuidance(Guidance):
             generator=generator,
             random=self.cfg.eta_random,
         ).to(t.device)
-        grad = distillation_grad(
-            "asd",
-            eps_fn,
-            self.prior.alphas_cumprod,
-            x0,
-            t,
-            noise,
-            cfg_scale=self.cfg.cfg_scale,
-            t_plus=t_plus,
+        alphas = self.prior.alphas_cumprod
+        inputs = distillation_inputs("asd", alphas, x0, t, noise, t_plus)
+        return inputs, lambda eps: (
+            distillation_combine("asd", eps, alphas, x0, t, noise, cfg_scale=self.cfg.cfg_scale),
+            {"t_plus": t_plus},
         )
-        return grad, {"t_plus": t_plus}
 
 
 def make_guidance(

@@ -41,6 +41,9 @@ from trainers.guidance import Guidance, make_guidance
 from trainers.priors import load_prior, resolve_device
 from trainers.priors.base import DiffusionPrior, out_of_memory_hint
 from trainers.rendering import Background, VolumeRenderer
+from trainers.step import NonFiniteLossError, StepInputs, StepResult, step_alone
+
+__all__ = ["NonFiniteLossError", "TrainResult", "Trainer", "TrainingRun", "reported_metrics", "train"]
 from trainers.visualize import save_render_grid, save_turntable
 
 MetricsCallback = Callable[[int, dict[str, float]], None]
@@ -49,75 +52,12 @@ PathCallback = Callable[[int, Path], None]
 VIEW_LABELS = ("front", "side", "back", "overhead")
 
 
-class NonFiniteLossError(FloatingPointError):
-    """A loss term became NaN or inf: the run stops instead of silently training on garbage."""
-
-    def __init__(self, step: int, term: str, value: float):
-        self.step, self.term, self.value = step, term, value
-        super().__init__(
-            f"loss term {term!r} is {value} at step {step}; lower the learning rates or guidance.cfg_scale"
-        )
-
-
 @dataclass
 class TrainResult:
     final_metrics: dict[str, float]
     output_dir: Path
     last_checkpoint: Path | None
     artifacts: list[Path] = field(default_factory=list)
-
-
-def loss_terms(guided, opacity: torch.Tensor, loss_cfg, step: int) -> dict[str, torch.Tensor]:
-    """The step's loss terms: guidance (and its own, e.g. VSD's LoRA loss) plus the opacity regularisers;
-    NonFiniteLossError names the first term that is not finite. Shared by the per-prompt and amortized loops."""
-    opacity = opacity.clamp(1e-5, 1 - 1e-5)
-    terms = {"guidance": guided.loss, **guided.extra_losses}
-    if loss_cfg.lambda_sparsity > 0:
-        terms["sparsity"] = loss_cfg.lambda_sparsity * opacity.mean()
-    if loss_cfg.lambda_opacity > 0:
-        entropy = -(opacity * opacity.log() + (1 - opacity) * (1 - opacity).log()).mean()
-        terms["opacity"] = loss_cfg.lambda_opacity * entropy
-    for name, value in terms.items():
-        if not torch.isfinite(value).all():
-            raise NonFiniteLossError(step, name, float(value.detach()))
-    return terms
-
-
-def optimize(
-    total: torch.Tensor,
-    optimizer: torch.optim.Optimizer,
-    step: int,
-    reduce_grads: Callable[[], None] | None = None,
-) -> None:
-    """Backward and update for one step; running out of memory in either raises the error that names the
-    config keys reducing memory. `reduce_grads` runs in between (the amortized loop's cross-rank average).
-    Shared by the per-prompt and amortized loops."""
-    optimizer.zero_grad(set_to_none=True)
-    # The backward holds the forward's activations: the VAE encoder's at image_size and the renderer's.
-    with out_of_memory_hint(f"the backward pass of step {step}"):
-        total.backward()
-    if reduce_grads is not None:
-        reduce_grads()
-    with out_of_memory_hint(f"the optimizer step of step {step}"):
-        optimizer.step()
-
-
-def step_metrics(
-    total: torch.Tensor,
-    terms: dict[str, torch.Tensor],
-    opacity: torch.Tensor,
-    guided,
-    timestep_range: tuple[float, float],
-) -> dict[str, float]:
-    """What a training step reports: the loss and its terms (VSD's LoRA fit left out: it is the LoRA's
-    loss, not the 3D model's), the mean opacity, the guidance's diagnostics and the step's t range.
-    Shared by the per-prompt and amortized loops."""
-    t_min, t_max = timestep_range
-    metrics = {"train/loss": float(total.detach()), "train/opacity": float(opacity.detach().mean())}
-    metrics |= {f"train/loss_{name}": float(v.detach()) for name, v in terms.items() if name != "loss_lora"}
-    metrics |= guided.metrics()
-    metrics |= {"train/t_min": float(t_min), "train/t_max": float(t_max)}
-    return metrics
 
 
 def reported_metrics(config: TrainConfig) -> set[str]:
@@ -214,30 +154,29 @@ class Trainer:
 
     # -- one step ----------------------------------------------------------------------------------
 
-    def training_step(self) -> dict[str, float]:
+    def render_step(self) -> StepInputs:
+        """This step's renders at random cameras, with the text guidance conditions them on."""
         cfg = self.config
         self.renderer.train()
         self.renderer.update_step(self.step)
         cameras = self.cameras.sample(cfg.batch_size, self.generator).to(self.device)
-        with out_of_memory_hint(f"the forward pass of step {self.step} (render and guidance)"):
+        with out_of_memory_hint(f"the forward pass of step {self.step} (the render)"):
             out = self.renderer.render(
                 cameras, cfg.resolution, cfg.resolution, train=True, generator=self.generator
             )
-            images = out["rgb"].permute(0, 3, 1, 2)
-            cond = self.text.for_views(cameras.elevation, cameras.azimuth, cfg.camera)
-            guided = self.guidance(
-                images,
-                cond,
-                self.text.uncond,
-                step=self.step,
-                generator=self.generator,
-                cameras=cameras,
-            )
-        terms = loss_terms(guided, out["opacity"], cfg.loss, self.step)
-        total = sum(terms.values())
-        optimize(total, self.optimizer, self.step)
-        self.step += 1
-        return step_metrics(total, terms, out["opacity"], guided, self.guidance.timestep_range(self.step - 1))
+        cond = self.text.for_views(cameras.elevation, cameras.azimuth, cfg.camera)
+        images = out["rgb"].permute(0, 3, 1, 2)
+        return StepInputs(images, out["opacity"], cond, self.text.uncond, cameras, self.generator)
+
+    def reduce_grads(self) -> None:
+        pass
+
+    def step_extras(self) -> dict[str, float]:
+        return {}
+
+    def training_step(self) -> dict[str, float]:
+        """One step (trainers.step: render → guidance → loss → optimizer); NonFiniteLossError on NaN."""
+        return step_alone(self)
 
     # -- looking at the result ---------------------------------------------------------------------
 
@@ -291,6 +230,133 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+class TrainingRun:
+    """One run of one prompt around its `Trainer`: the config written, the resume, and after each step
+    what `train` does between steps (progress, metrics, validation grids, CLIP evaluations, checkpoints),
+    then the final evaluation, checkpoint and artifacts.
+
+    `train` drives one run; a pack (`trainers.pack`) drives several, each stepping in a shared
+    `trainers.step.training_step`. Callbacks get this run's own step numbers."""
+
+    def __init__(
+        self,
+        config: TrainConfig,
+        prior: DiffusionPrior | None = None,
+        *,
+        on_metrics: MetricsCallback | None = None,
+        on_checkpoint: PathCallback | None = None,
+        on_artifact: PathCallback | None = None,
+        resume_from: str | Path | None = None,
+        progress: bool = True,
+    ):
+        self.config = config
+        self.on_metrics, self.on_checkpoint, self.on_artifact = on_metrics, on_checkpoint, on_artifact
+        self.output_dir = Path(config.output_dir)
+        self.checkpoint_dir = self.output_dir / "checkpoints"
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        self.config_yaml = yaml.safe_dump(config_to_dict(config), sort_keys=False)
+        (self.output_dir / "config.yaml").write_text(self.config_yaml)
+
+        self.trainer = Trainer(config, prior)
+        try:
+            evaluation.prepare(self.trainer)  # a bad evaluation.clip fails now, not after the last step
+            if resume_from == "latest":
+                resume_from = latest_checkpoint(self.checkpoint_dir)
+            if resume_from is not None:
+                self.trainer.load_state_dict(load_checkpoint(resume_from))
+        except BaseException:
+            self.trainer.close()
+            raise
+        self.artifacts: list[Path] = []
+        self.last_checkpoint: Path | None = Path(resume_from) if resume_from else None
+        self.last_metrics: dict[str, float] = {}
+        self.bar = tqdm(
+            total=config.max_steps,
+            initial=self.trainer.step,
+            disable=not progress,
+            desc=config.guidance.method.upper(),
+            dynamic_ncols=True,
+        )
+        self.window_start, self.window_steps = time.perf_counter(), 0
+
+    @property
+    def step(self) -> int:
+        return self.trainer.step
+
+    @property
+    def done(self) -> bool:
+        return self.trainer.step >= self.config.max_steps
+
+    def emit_artifact(self, path: Path) -> None:
+        self.artifacts.append(path)
+        if self.on_artifact:
+            self.on_artifact(self.trainer.step, path)
+
+    def checkpoint(self) -> None:
+        self.last_checkpoint = save_checkpoint(
+            self.checkpoint_dir,
+            self.trainer.step,
+            self.trainer.state_dict(),
+            self.config_yaml,
+            keep=self.config.logging.keep_checkpoints,
+        )
+        if self.on_checkpoint:
+            self.on_checkpoint(self.trainer.step, self.last_checkpoint)
+
+    def after_step(self, metrics: dict[str, float]) -> None:
+        """Everything between two steps, once the trainer has taken one and reported `metrics`."""
+        config, log, step = self.config, self.config.logging, self.trainer.step
+        self.window_steps += 1
+        self.bar.update(1)
+        self.bar.set_postfix(loss=f"{metrics['train/loss']:.4g}", t=int(metrics["train/t"]), refresh=False)
+        if step % log.log_every == 0 or step == config.max_steps:
+            elapsed = time.perf_counter() - self.window_start
+            metrics["train/it_per_s"] = self.window_steps / max(elapsed, 1e-9)
+            self.window_start, self.window_steps = time.perf_counter(), 0
+            self.last_metrics = metrics
+            if self.on_metrics:
+                self.on_metrics(step, metrics)
+        if log.val_every and step % log.val_every == 0 and step < config.max_steps:
+            path = self.output_dir / "validation" / f"step_{step:07d}.png"
+            self.emit_artifact(self.trainer.save_validation(path))
+        if evaluation.due(config, step) and self.on_metrics:
+            self.on_metrics(step, evaluation.evaluate_clip(self.trainer))
+        if log.checkpoint_every and step % log.checkpoint_every == 0 and step < config.max_steps:
+            self.checkpoint()
+
+    def finish(self) -> TrainResult:
+        """The final evaluation, checkpoint and artifacts, once the last step is taken."""
+        self.bar.close()
+        trainer, config = self.trainer, self.config
+        final = dict(self.last_metrics)
+        evaluated = trainer.evaluate()
+        if evaluated:
+            final |= evaluated
+            if self.on_metrics:
+                self.on_metrics(trainer.step, evaluated)
+        self.checkpoint()
+        for path in evaluation.saved_files(config):  # the CLIP image embeddings: a fan-out's R@1 reads them
+            self.emit_artifact(path)
+        validation = self.output_dir / "validation" / f"step_{trainer.step:07d}.png"
+        self.emit_artifact(trainer.save_validation(validation))
+        turntable = self.output_dir / f"turntable.{config.logging.turntable_format}"
+        self.emit_artifact(trainer.save_turntable(turntable))
+        (self.output_dir / "metrics.yaml").write_text(
+            yaml.safe_dump({k: v for k, v in final.items() if math.isfinite(v)}, sort_keys=True)
+        )
+        return TrainResult(final, self.output_dir, self.last_checkpoint, self.artifacts)
+
+    def handle(self, result: StepResult) -> None:
+        """After a shared step: its metrics, or its own NonFiniteLossError raised."""
+        if result.error is not None:
+            raise result.error
+        self.after_step(result.metrics)
+
+    def close(self) -> None:
+        self.bar.close()
+        self.trainer.close()
+
+
 def train(
     config: TrainConfig,
     prior: DiffusionPrior | None = None,
@@ -302,82 +368,18 @@ def train(
     progress: bool = True,
 ) -> TrainResult:
     """Train one prompt. `resume_from`: a checkpoint dir, or "latest" for the newest in output_dir."""
-    output_dir = Path(config.output_dir)
-    checkpoint_dir = output_dir / "checkpoints"
-    output_dir.mkdir(parents=True, exist_ok=True)
-    config_yaml = yaml.safe_dump(config_to_dict(config), sort_keys=False)
-    (output_dir / "config.yaml").write_text(config_yaml)
-
-    trainer = Trainer(config, prior)
-    evaluation.prepare(trainer)  # a bad evaluation.clip fails now, not after the last step
-    if resume_from == "latest":
-        resume_from = latest_checkpoint(checkpoint_dir)
-    if resume_from is not None:
-        trainer.load_state_dict(load_checkpoint(resume_from))
-
-    log = config.logging
-    artifacts: list[Path] = []
-    last_checkpoint: Path | None = Path(resume_from) if resume_from else None
-    last_metrics: dict[str, float] = {}
-
-    def emit_artifact(path: Path) -> None:
-        artifacts.append(path)
-        if on_artifact:
-            on_artifact(trainer.step, path)
-
-    def checkpoint() -> None:
-        nonlocal last_checkpoint
-        last_checkpoint = save_checkpoint(
-            checkpoint_dir, trainer.step, trainer.state_dict(), config_yaml, keep=log.keep_checkpoints
-        )
-        if on_checkpoint:
-            on_checkpoint(trainer.step, last_checkpoint)
-
-    bar = tqdm(
-        total=config.max_steps,
-        initial=trainer.step,
-        disable=not progress,
-        desc=config.guidance.method.upper(),
-        dynamic_ncols=True,
+    run = TrainingRun(
+        config,
+        prior,
+        on_metrics=on_metrics,
+        on_checkpoint=on_checkpoint,
+        on_artifact=on_artifact,
+        resume_from=resume_from,
+        progress=progress,
     )
-    window_start, window_steps = time.perf_counter(), 0
     try:
-        while trainer.step < config.max_steps:
-            metrics = trainer.training_step()
-            window_steps += 1
-            step = trainer.step
-            bar.update(1)
-            bar.set_postfix(loss=f"{metrics['train/loss']:.4g}", t=int(metrics["train/t"]), refresh=False)
-            if step % log.log_every == 0 or step == config.max_steps:
-                elapsed = time.perf_counter() - window_start
-                metrics["train/it_per_s"] = window_steps / max(elapsed, 1e-9)
-                window_start, window_steps = time.perf_counter(), 0
-                last_metrics = metrics
-                if on_metrics:
-                    on_metrics(step, metrics)
-            if log.val_every and step % log.val_every == 0 and step < config.max_steps:
-                emit_artifact(trainer.save_validation(output_dir / "validation" / f"step_{step:07d}.png"))
-            if evaluation.due(config, step) and on_metrics:
-                on_metrics(step, evaluation.evaluate_clip(trainer))
-            if log.checkpoint_every and step % log.checkpoint_every == 0 and step < config.max_steps:
-                checkpoint()
-        bar.close()
-
-        final = dict(last_metrics)
-        evaluated = trainer.evaluate()
-        if evaluated:
-            final |= evaluated
-            if on_metrics:
-                on_metrics(trainer.step, evaluated)
-        checkpoint()
-        for path in evaluation.saved_files(config):  # the CLIP image embeddings: a fan-out's R@1 reads them
-            emit_artifact(path)
-        emit_artifact(trainer.save_validation(output_dir / "validation" / f"step_{trainer.step:07d}.png"))
-        emit_artifact(trainer.save_turntable(output_dir / f"turntable.{log.turntable_format}"))
-        (output_dir / "metrics.yaml").write_text(
-            yaml.safe_dump({k: v for k, v in final.items() if math.isfinite(v)}, sort_keys=True)
-        )
-        return TrainResult(final, output_dir, last_checkpoint, artifacts)
+        while not run.done:
+            run.after_step(run.trainer.training_step())
+        return run.finish()
     finally:
-        bar.close()
-        trainer.close()
+        run.close()

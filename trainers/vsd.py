@@ -155,26 +155,10 @@ class VSDGuidance(Guidance):
         loss_lora = F.mse_loss(self.score(x_fit, t_fit, cond_embeddings, cameras), noise_fit)
         return grad, {"extra_losses": {"loss_lora": loss_lora}}
 
-    def forward(
-        self,
-        images,
-        cond_embeddings,
-        uncond_embeddings,
-        *,
-        step,
-        generator,
-        camera_vectors=None,
-        cameras=None,
-    ):
-        self._cond_embeddings = cond_embeddings
-        return super().forward(
-            images,
-            cond_embeddings,
-            uncond_embeddings,
-            step=step,
-            generator=generator,
-            camera_vectors=camera_vectors,
-            cameras=cameras,
+    def unbatched(self, images, cond_embeddings, uncond_embeddings, step, generator, camera_vectors, cameras):
+        self._cond_embeddings = cond_embeddings  # the learned score is conditioned on the same text
+        return super().unbatched(
+            images, cond_embeddings, uncond_embeddings, step, generator, camera_vectors, cameras
         )
 
     def close(self) -> None:

@@ -57,12 +57,13 @@ from trainers.checkpoint import (
 from trainers.config import config_to_dict
 from trainers.evaluation import ground_truth as scene_metrics
 from trainers.guidance import make_guidance
-from trainers.per_prompt import TrainResult, loss_terms, optimize, seed_everything, step_metrics
+from trainers.per_prompt import TrainResult, seed_everything
 from trainers.priors import load_prior, resolve_device
 from trainers.priors.base import DiffusionPrior, default_cache_dir, out_of_memory_hint
 from trainers.reference.config import REFERENCE_PRIORS
 from trainers.reference.scenes import is_scene_prompt, prompt_split, scene_cache_dir
 from trainers.rendering import Background, VolumeRenderer
+from trainers.step import StepInputs, step_alone
 from trainers.visualize import image_grid, save_turntable
 
 log = logging.getLogger(__name__)
@@ -376,7 +377,8 @@ class AmortizedTrainer:
 
     # -- one step ----------------------------------------------------------------------------------
 
-    def training_step(self) -> dict[str, float]:
+    def render_step(self) -> StepInputs:
+        """One view of each of this step's prompts, rendered from one generator forward."""
         cfg = self.config
         self.model.train()
         indices, weights = self.batch_at(self.step)
@@ -386,37 +388,31 @@ class AmortizedTrainer:
         if self.model.generator.noise_dim:
             noise = torch.randn(batch, self.model.generator.noise_dim, generator=self.rng).to(self.device)
         cameras = self.cameras.sample(batch, self.rng).to(self.device)
-        with out_of_memory_hint(f"the forward pass of step {self.step} (generator, render and guidance)"):
+        with out_of_memory_hint(f"the forward pass of step {self.step} (generator and render)"):
             out = self.ddp(text, noise, cameras, cfg.resolution, True, self.rng)
-            images = out["rgb"].permute(0, 3, 1, 2)
-            # Weight-0 rows (filler, see epoch_batches) keep their value but pass no gradient.
-            weight = torch.tensor(weights, device=images.device).view(-1, 1, 1, 1)
-            images = weight * images + (1 - weight) * images.detach()
-            prompts = [self.prompts[i] for i in indices]
-            self._batch_prompts = prompts
-            if cfg.camera.view_dependent_prompting:
-                labels = view_direction_labels(cameras.elevation, cameras.azimuth, cfg.camera)
-                prompts = [view_dependent_prompt(p, label) for p, label in zip(prompts, labels, strict=True)]
-            with torch.no_grad():
-                cond = self.prior.encode_text(prompts)
-            guided = self.guidance(
-                images,
-                cond,
-                self.uncond,
-                step=self.step,
-                generator=self.rng,
-                cameras=cameras,
-            )
-        terms = loss_terms(guided, out["opacity"], cfg.loss, self.step)
-        total = sum(terms.values())
+        images = out["rgb"].permute(0, 3, 1, 2)
+        # Weight-0 rows (filler, see epoch_batches) keep their value but pass no gradient.
+        weight = torch.tensor(weights, device=images.device).view(-1, 1, 1, 1)
+        images = weight * images + (1 - weight) * images.detach()
+        prompts = [self.prompts[i] for i in indices]
+        self._batch_prompts = prompts
+        if cfg.camera.view_dependent_prompting:
+            labels = view_direction_labels(cameras.elevation, cameras.azimuth, cfg.camera)
+            prompts = [view_dependent_prompt(p, label) for p, label in zip(prompts, labels, strict=True)]
+        with torch.no_grad():
+            cond = self.prior.encode_text(prompts)
+        return StepInputs(images, out["opacity"], cond, self.uncond, cameras, self.rng)
+
+    def reduce_grads(self) -> None:
         # DDP averages the model's gradients over ranks in the backward; VSD's score is averaged by hand.
-        optimize(total, self.optimizer, self.step, reduce_grads=self._average_guidance_grads)
-        self.step += 1
-        metrics = step_metrics(
-            total, terms, out["opacity"], guided, self.guidance.timestep_range(self.step - 1)
-        )
-        metrics["train/epoch"] = self.step / self.steps_per_epoch
-        return metrics
+        self._average_guidance_grads()
+
+    def step_extras(self) -> dict[str, float]:
+        return {"train/epoch": self.step / self.steps_per_epoch}
+
+    def training_step(self) -> dict[str, float]:
+        """One step (trainers.step: render → guidance → loss → optimizer); NonFiniteLossError on NaN."""
+        return step_alone(self)
 
     def _average_guidance_grads(self) -> None:
         """VSD's learned score is not inside the DDP module: average its gradients by hand."""

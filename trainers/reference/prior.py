@@ -169,6 +169,50 @@ COARSE_SIDE = 16  # the bound's images are 16×16 block averages
 MIN_PRUNED_BLOCKS = 64  # a set smaller than this (one prompt's views) is summed whole: the bound costs more
 
 
+# A row's ε̂ must not depend on the other rows of the call: a pack (trainers.pack) puts several
+# trials' rows through one call, and each trial must compute what it computes alone. BLAS picks another
+# kernel, with another summation order, for a float32 product of fewer than 4 rows (or, as the right-hand
+# factor, 12 columns) on this project's CPUs; the exact prior's sharp posterior turns those last-bit
+# differences into 1e-4 of a loss. Padding the small side to those sizes keeps every call on one kernel
+# (tests/test_pack.py: without it a packed member's loss was 4e-4 off its solo run's at one step).
+MIN_GEMM_ROWS, MIN_GEMM_COLUMNS = 4, 12
+
+
+def padded(x: torch.Tensor, size: int, dim: int) -> torch.Tensor:
+    """`x` with zeros appended along `dim` up to `size` (unchanged if it is already that long)."""
+    missing = size - x.shape[dim]
+    if missing <= 0:
+        return x
+    shape = list(x.shape)
+    shape[dim] = missing
+    return torch.cat([x, x.new_zeros(shape)], dim=dim)
+
+
+def per_row_pruning(
+    scenes: SceneSet, x_t: torch.Tensor, alpha: torch.Tensor, view_log_prior: torch.Tensor
+) -> torch.Tensor:
+    """`posterior_mean` with the renders pruned for each row alone, the rows that allow no pruning
+    together. The set of renders kept (`candidate_blocks`) is a union over the rows of a call, so
+    pruning a call's rows together would make a row's ε̂ depend on the other rows (see MIN_GEMM_ROWS)."""
+    b = x_t.shape[0]
+
+    def log_prior(rows):
+        return view_log_prior if view_log_prior.shape[0] == 1 else view_log_prior[rows]
+
+    prunable = (alpha.view(b) >= PRUNE_MIN_ALPHA).tolist()
+    out: list[torch.Tensor | None] = [None] * b
+    for i in (i for i in range(b) if prunable[i]):
+        out[i] = posterior_mean(scenes, x_t[i : i + 1], alpha[i : i + 1], log_prior(slice(i, i + 1)))[0]
+    dense = [i for i in range(b) if not prunable[i]]
+    if dense:
+        rows = torch.tensor(dense, device=x_t.device)
+        for i, mean in zip(
+            dense, posterior_mean(scenes, x_t[rows], alpha[rows], log_prior(rows)), strict=True
+        ):
+            out[i] = mean
+    return torch.stack(out)
+
+
 def posterior_mean(
     scenes: SceneSet, x_t: torch.Tensor, alpha: torch.Tensor, view_log_prior: torch.Tensor
 ) -> torch.Tensor:
@@ -184,6 +228,8 @@ def posterior_mean(
     """
     b = x_t.shape[0]
     g, v, m, p = scenes.maps.shape
+    if b > 1 and g * v >= MIN_PRUNED_BLOCKS and bool((alpha >= PRUNE_MIN_ALPHA).any()):
+        return per_row_pruning(scenes, x_t, alpha, view_log_prior)
     alpha = alpha.to(torch.float64).view(b, 1, 1)
     # x_t − √ᾱ·(2·image − 1) = y − s·image with y = x_t + √ᾱ and s = 2√ᾱ.
     y = x_t.to(torch.float64) + alpha.sqrt()
@@ -197,7 +243,8 @@ def posterior_mean(
     if float(alpha.min()) >= PRUNE_MIN_ALPHA and g * v >= MIN_PRUNED_BLOCKS:
         blocks = candidate_blocks(scenes, y, s, sigma2, prior)
     if blocks is None:  # every render: two passes over the maps, the colourings contracted per layout
-        projections = y.to(torch.float32).reshape(b * 3, p) @ scenes.pixel_major  # [b·3, G·V·m]
+        rows = padded(y.to(torch.float32).reshape(b * 3, p), MIN_GEMM_ROWS, dim=0)
+        projections = (rows @ scenes.pixel_major)[: b * 3]  # [b·3, G·V·m]
         cross = torch.einsum(
             "bcgvm,gkmc->bgvk", projections.double().view(b, 3, g, v, m), scenes.coefficients
         )
@@ -209,7 +256,8 @@ def posterior_mean(
     n = len(blocks)
     maps = scenes.maps.view(g * v, m, p)[blocks]
     coefficients = scenes.coefficients[blocks // v]  # [n, K, m, 3]: block g·V + v is layout g
-    projections = (maps.reshape(-1, p) @ y.to(maps.dtype).permute(2, 0, 1).reshape(p, b * 3)).double()
+    columns = padded(y.to(maps.dtype).permute(2, 0, 1).reshape(p, b * 3), MIN_GEMM_COLUMNS, dim=1)
+    projections = (maps.reshape(-1, p) @ columns)[:, : b * 3].double()
     cross = torch.einsum("nmbc,nkmc->bnk", projections.view(n, m, b, 3), coefficients)
     logits = (prior[:, blocks] - c * scenes.norms.flatten(0, 1)[blocks][None]).add_(a * cross)
     weights = torch.softmax(logits.reshape(b, -1), dim=-1)

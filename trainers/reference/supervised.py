@@ -40,16 +40,8 @@ class SupervisedGuidance(Guidance):
         super().__init__(cfg, prior, max_steps)
         self.target_fn = target_fn
 
-    def forward(
-        self,
-        images: torch.Tensor,
-        cond_embeddings: torch.Tensor,
-        uncond_embeddings: torch.Tensor,
-        *,
-        step: int,
-        generator: torch.Generator,
-        camera_vectors: torch.Tensor | None = None,
-        cameras: CameraBatch | None = None,
+    def unbatched(
+        self, images, cond_embeddings, uncond_embeddings, step, generator, camera_vectors, cameras
     ) -> GuidanceOutput:
         if cameras is None:
             raise ValueError(
