@@ -46,6 +46,8 @@ class SweepOutcome:
     timings: dict[str, float] = dataclasses.field(default_factory=dict)
     # Tune returned with trials left to run: SIGINT (Ctrl-C, `dreamsweep stop`). `resume` continues it.
     stopped: bool = False
+    # A packed sweep's driver counters: worker steps, prior calls, workers, the most members at once.
+    stats: dict[str, int] = dataclasses.field(default_factory=dict)
 
 
 def submit(
@@ -146,20 +148,12 @@ def _run(
     connect(spec, address)
     client = MlflowClient(record.stores.mlflow_uri)
     tracking.reopen_run(client, record.parent_run_id)
+    if spec.packed:
+        return _run_packed(spec, record, context, steps_per_trial, started, workspace)
     if restore:
         tuner = restore_tuner(spec, context, record.stores.tune_path)
     else:
-        total = len(prompts) if spec.kind == "fanout" else spec.trials
-        progress = SweepProgress(
-            spec.name,
-            total,
-            spec.objective.mode,
-            mlflow_uri=record.stores.mlflow_uri,
-            experiment_id=record.experiment_id,
-            parent_run_id=record.parent_run_id,
-            steps_per_trial=steps_per_trial,
-            progress_file=str(progress_file(workspace, spec.name)) if workspace else None,
-        )
+        progress = sweep_progress(spec, record, steps_per_trial, workspace)
         tuner = build_tuner(
             spec, context, record.stores.tune_path, record.stores.optuna_url, [progress], steps_per_trial
         )
@@ -173,6 +167,69 @@ def _run(
         "finalize": time.perf_counter() - fit_ended,
     }
     return outcome
+
+
+def sweep_progress(spec: SweepSpec, record: SweepRecord, steps_per_trial: int, workspace) -> SweepProgress:
+    total = load_prompts(spec.prompts).num_rows if spec.kind == "fanout" else spec.trials
+    return SweepProgress(
+        spec.name,
+        total,
+        spec.objective.mode,
+        mlflow_uri=record.stores.mlflow_uri,
+        experiment_id=record.experiment_id,
+        parent_run_id=record.parent_run_id,
+        steps_per_trial=steps_per_trial,
+        progress_file=str(progress_file(workspace, spec.name)) if workspace else None,
+    )
+
+
+def packed_trials_root(tune_path: str, name: str) -> str:
+    """Where a packed sweep's trials keep their checkpoints and panel state (one folder per trial)."""
+    return f"{experiment_path(tune_path.removeprefix('file://'), name)}/packed"
+
+
+def _run_packed(spec, record, context, steps_per_trial, started, workspace) -> SweepOutcome:
+    """A packed sweep (orchestrator/run/packed.py): submit and resume are the same call, since the
+    study's RUNNING trials are the ones to continue."""
+    from orchestrator.run.packed import member_run_id, run_packed
+    from orchestrator.track.progress import PackedProgress
+
+    progress = sweep_progress(spec, record, steps_per_trial, workspace)
+    fit_started = time.perf_counter()
+    stats = run_packed(
+        spec,
+        context,
+        record.stores.optuna_url,
+        packed_trials_root(record.stores.tune_path, spec.name),
+        lambda study: PackedProgress(progress, study, member_run_id),
+    )
+    fit_ended = time.perf_counter()
+    outcome = finalize_packed(spec, record)
+    outcome.timings = {
+        "setup": fit_started - started,
+        "fit": fit_ended - fit_started,
+        "finalize": time.perf_counter() - fit_ended,
+    }
+    outcome.stats = stats
+    return outcome
+
+
+def finalize_packed(spec: SweepSpec, record: SweepRecord) -> SweepOutcome:
+    """Make MLflow agree with the study, the one record of a packed sweep's trials."""
+    import optuna
+    from optuna.trial import TrialState
+
+    from orchestrator.run.packed import member_run_id
+
+    study = optuna.load_study(study_name=spec.name, storage=optuna_storage(record.stores.optuna_url))
+    trials = study.get_trials(deepcopy=False)
+    expected = spec.trials if spec.kind == "search" else load_prompts(spec.prompts).num_rows
+    if len(trials) < expected or any(t.state == TrialState.RUNNING for t in trials):
+        done = sum(1 for t in trials if t.state == TrialState.COMPLETE)
+        return SweepOutcome(spec.name, done, 0, None, None, stopped=True)
+    status = {TrialState.COMPLETE: "FINISHED", TrialState.PRUNED: "FINISHED", TrialState.FAIL: "FAILED"}
+    final_status = {member_run_id(t.number): status.get(t.state, "KILLED") for t in trials}
+    return conclude(spec, record, study, final_status)
 
 
 def progress_file(workspace: Workspace, name: str):
@@ -204,6 +261,12 @@ def finalize(spec: SweepSpec, record: SweepRecord) -> SweepOutcome:
     study = optuna.load_study(study_name=spec.name, storage=optuna_storage(record.stores.optuna_url))
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         study.tell(trial.number, state=TrialState.FAIL)  # the sweep has ended: nothing can still run
+    return conclude(spec, record, study, final_status)
+
+
+def conclude(spec: SweepSpec, record: SweepRecord, study, final_status: dict[str, str]) -> SweepOutcome:
+    """The end of a sweep: child runs closed, the study's plots and the best trial on the parent run."""
+    from optuna.trial import TrialState
 
     client = MlflowClient(record.stores.mlflow_uri)
     tracking.close_stale_runs(client, record.experiment_id, final_status)

@@ -206,6 +206,14 @@ class SweepSpec(ConfigBase):
     resources: Resources = Resources()
     early_stopping: Asha | None = None
     retries: int = Field(1, ge=0)  # re-runs of a failed trial, from its last checkpoint
+    # Trials a worker trains at once behind one batched prior call (orchestrator/run/packed.py; the
+    # README's "Packed trials"). 1: one trial per Ray Tune actor. Each member counts in max_concurrent.
+    pack: int = Field(1, ge=1, strict=True)
+    # Seeds per trial: a trial is its config trained with `replicates` seeds, as members of one pack,
+    # and its objective their mean (the standard error beside it). Needs pack >= replicates.
+    replicates: int = Field(1, ge=1, strict=True)
+    # Workers of a packed sweep; None: ceil(max_concurrent / trials per worker).
+    workers: int | None = Field(None, ge=1, strict=True)
     storage: Storage = Storage()
     # The Ray cluster: a clusters/*.yaml path or an inline mapping (see orchestrator.run.cluster).
     cluster: str | dict[str, Any] | None = None
@@ -247,6 +255,29 @@ class SweepSpec(ConfigBase):
                 f"0 or 1 GPU (got {self.resources.gpus:g}); set data_parallel.num_workers for more GPUs"
             )
         return self
+
+    @model_validator(mode="after")
+    def _packs_fit(self) -> SweepSpec:
+        if self.replicates > self.pack:
+            raise ValueError(
+                f"replicates: {self.replicates} seeds of a trial train as members of one pack, so pack "
+                f"({self.pack}) must be at least replicates; set pack: {self.replicates} (or a multiple)"
+            )
+        if self.trainer == "amortized" and self.pack > 1:
+            raise ValueError(
+                "pack: an amortized trial is already a batch of prompts through one generator on its own "
+                "data-parallel workers; packing applies to per-prompt sweeps (set pack: 1)"
+            )
+        return self
+
+    @property
+    def packed(self) -> bool:
+        """Runs on packed workers (orchestrator/run/packed.py) rather than one Tune actor per trial."""
+        return self.pack > 1 or self.replicates > 1
+
+    @property
+    def trials_per_worker(self) -> int:
+        return self.pack // self.replicates
 
     def searched_keys(self) -> list[str]:
         keys = list(self.search.space)
@@ -351,6 +382,16 @@ def check_spec(spec: SweepSpec) -> None:
     assert config is not None
     reported = reported_metrics(config)
     _check_clip_objective(spec, config, reported)
+    if spec.packed and config.guidance.method == "vsd":
+        raise SpecError(
+            f"pack: {spec.pack} with guidance.method: vsd: VSD trains a LoRA of the prior per trial, which "
+            "members of a pack cannot share; set pack: 1 (and replicates: 1) or use asd, sds or csd"
+        )
+    if spec.packed and "://" in (spec.storage.tune or "") and not spec.storage.tune.startswith("file://"):
+        raise SpecError(
+            f"storage.tune: {spec.storage.tune!r}: a packed sweep keeps its members' checkpoints on a file "
+            "system (local, or a mount every node has); object stores are not supported for pack > 1 yet"
+        )
     if spec.objective.metric not in reported:
         raise SpecError(
             f"objective.metric {spec.objective.metric!r} is never reported by the trainer for this config; "

@@ -23,6 +23,7 @@ import os
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -361,3 +362,73 @@ class SweepProgress(tune.Callback):
                 )
             client.set_tag(run.info.run_id, "dreamsweep.stopped_early", "true")
         client.set_terminated(run.info.run_id, status=status)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Packed sweeps (orchestrator/run/packed.py) have no Tune trials: the same view, fed by the driver
+
+
+@dataclass
+class TrialView:
+    """The part of a Tune trial that SweepProgress reads, for a trial of a packed sweep."""
+
+    trial_id: str
+    config: dict[str, Any]
+    status: str = "RUNNING"
+    last_result: dict[str, Any] = field(default_factory=dict)
+    error_file: str | None = None
+
+
+class PackedProgress:
+    """Drives a SweepProgress (console, progress file, best so far in MLflow) from a packed sweep's
+    reports. The study's trials that ended before this driver started count as they ended."""
+
+    def __init__(self, progress: SweepProgress, study, run_id_of):
+        from optuna.trial import TrialState
+
+        self.progress, self.run_id_of = progress, run_id_of
+        self.views: dict[int, TrialView] = {}
+        for t in study.get_trials(deepcopy=False):
+            if t.state in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL):
+                view = self._view(t.number, t.params)
+                view.status = "ERROR" if t.state == TrialState.FAIL else "TERMINATED"
+                if t.value is not None:
+                    view.last_result = {OBJECTIVE: t.value, "done": True}
+                    self.progress._consider(view, view.last_result, finished=True)
+
+    def _view(self, number: int, params: dict[str, Any]) -> TrialView:
+        view = TrialView(self.run_id_of(number), {**params, OPTUNA_TRIAL_KEY: number})
+        self.views[number] = view
+        return view
+
+    @property
+    def trials(self) -> list[TrialView]:
+        return list(self.views.values())
+
+    def started(self, number: int, params: dict[str, Any]) -> None:
+        self.progress.on_trial_start(None, self.trials, self._view(number, params))
+
+    def reported(self, report) -> None:
+        view = self.views[report.number]
+        view.last_result = {STEP: report.step}
+        if report.objective is not None:
+            view.last_result[OBJECTIVE] = report.objective
+        self.progress.on_trial_result(None, self.trials, view, view.last_result)
+
+    def completed(self, report, pruned: bool = False) -> None:
+        view = self.views[report.number]
+        view.status = "TERMINATED"
+        value = report.final if report.final is not None else report.objective
+        view.last_result = {STEP: report.step, **({OBJECTIVE: value} if value is not None else {})}
+        if not pruned:
+            view.last_result["done"] = True
+        self.progress.on_trial_complete(None, self.trials, view)
+
+    def failed(self, number: int, error: str) -> None:
+        view = self.views.get(number) or self._view(number, {})
+        view.status = "ERROR"
+        view.error_file = error.strip().splitlines()[-1] if error.strip() else None
+        self.progress.on_trial_error(None, self.trials, view)
+
+    def finished(self) -> None:
+        self.progress.on_experiment_end(self.trials)

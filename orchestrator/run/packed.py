@@ -1,0 +1,577 @@
+"""Packed sweeps: workers that each train several trials at once behind one batched prior call.
+
+    run_packed(spec, context, record, steps_per_trial, progress)     # from orchestrator.run.sweep
+
+A spec with `pack: K` (or `replicates: R`) runs here instead of on Ray Tune's one-trial-per-actor
+model (docs/packing.md says why). The pieces, top to bottom:
+
+    driver (this function, on the head)            PackWorker actors: ⌈max_concurrent / (K / R)⌉ of them,
+      Optuna study (RDB): the one record of          each owning its GPU or CPU share for the whole sweep
+        every trial's state                          prior loaded once; a trainers.pack.Pack of ≤ K members
+      loop:                                          members: (Optuna trial, replicate), each its own
+        fill free slots: the study's RUNNING           TrainingRun, MLflow run, checkpoints and step
+          trials no worker holds (after a kill),     advance(s): steps the pack for about s seconds and
+          then study.ask()                             returns every trial's step and objective so far,
+        workers advance in parallel ────────────▶      and the trials that finished or failed
+        tell Optuna COMPLETE / FAIL / PRUNED
+        the pruner (ASHA's semantics) stops one trial; a dead worker's trials resume elsewhere
+
+- **State.** A trial's state lives in the Optuna study (RUNNING, COMPLETE, FAIL, PRUNED) and its files
+  under `<storage.tune>/<sweep>/packed/trial_NNNN/` (checkpoints, `panel.json`: which prompt, the
+  finished prompts' objectives). The driver holds nothing that a restart cannot rebuild from those two,
+  so `dreamsweep resume` after a kill -9 simply continues the study's RUNNING trials from their files,
+  and nothing needs reconciling.
+- **MLflow.** Each trial's child run is found again by its tag (`dreamsweep.ray_trial_id` =
+  `pack-NNNN`), so a resumed trial writes into the run it started, at its own steps.
+- **Failures.** A member's NaN fails its trial alone. A worker that dies (its node lost) is replaced,
+  and its trials continue from their checkpoints, each at most `retries` times.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import statistics
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import optuna
+import ray
+from optuna.trial import TrialState
+
+from orchestrator.run.trainable import (
+    OBJECTIVE,
+    SweepContext,
+    aggregate,
+    cached_client,
+    cached_prior,
+    match_torch_threads,
+    trial_panel,
+)
+from orchestrator.spec.space import PROMPT_INDEX, make_sampler, optuna_space, resolve_params
+from orchestrator.spec.spec import SweepSpec
+from orchestrator.track import tracking
+
+PANEL_FILE = "panel.json"
+ATTEMPTS = "dreamsweep.worker_losses"  # Optuna user attribute: how often a trial's worker died under it
+SEM = "objective_sem"  # the standard error of a replicated trial's objective (Optuna attr, MLflow metric)
+
+
+def member_run_id(number: int) -> str:
+    """The id that finds a packed trial's MLflow run again (stored where Tune trials keep theirs)."""
+    return f"pack-{number:04d}"
+
+
+def trial_dir(trials_root: str, number: int) -> Path:
+    return Path(trials_root) / f"trial_{number:04d}"
+
+
+# ---------------------------------------------------------------------------------------------------
+# Worker side: one trial of a pack, its replicates training its panel of prompts in turn
+
+
+@dataclass
+class Replicate:
+    """One seed of a trial: which prompt of the panel it is on, and the finished prompts' objectives."""
+
+    index: int
+    position: int = 0
+    finals: list[float] = field(default_factory=list)
+    run: Any = None  # the TrainingRun of the current prompt
+
+    def state_file(self, directory: Path) -> Path:
+        return directory / f"replicate_{self.index}" / PANEL_FILE
+
+    def save(self, directory: Path) -> None:
+        path = self.state_file(directory)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"position": self.position, "finals": self.finals}))
+        os.replace(tmp, path)  # a kill never leaves half a file
+
+    def load(self, directory: Path) -> None:
+        path = self.state_file(directory)
+        if path.exists():
+            state = json.loads(path.read_text())
+            self.position, self.finals = int(state["position"]), [float(v) for v in state["finals"]]
+
+
+class PackedTrial:
+    """A trial on a worker: its replicates (members of the worker's pack), its MLflow run, its hooks."""
+
+    def __init__(self, context: SweepContext, number: int, params: dict, replicates: int, root: str):
+        from trainers.config import config_to_dict, load_train_config
+
+        self.context, self.number = context, number
+        self.directory = trial_dir(root, number)
+        panel, overrides = trial_panel(context, params)
+        self.panel = panel
+        base = [load_train_config(context.base, {**overrides, "prompt": context.prompts[i]}) for i in panel]
+        self.steps_per_prompt = base[0].max_steps
+        self.configs = [  # [replicate][position]
+            [
+                load_train_config(
+                    context.base,
+                    {
+                        **overrides,
+                        "prompt": context.prompts[i],
+                        "seed": cfg.seed + r,
+                        "output_dir": str(self.directory / f"replicate_{r}" / f"prompt_{i:03d}"),
+                    },
+                )
+                for i, cfg in zip(panel, base, strict=True)
+            ]
+            for r in range(replicates)
+        ]
+        self.replicates = [Replicate(r) for r in range(replicates)]
+        for replicate in self.replicates:
+            replicate.load(self.directory)
+        search = resolve_params(params) if context.kind == "search" else {}
+        identity = tracking.TrialIdentity(
+            sweep=context.sweep,
+            experiment_id=context.experiment_id,
+            parent_run_id=context.parent_run_id,
+            ray_trial_id=member_run_id(number),
+            optuna_trial=number,
+            prompts=[context.prompts[i] for i in panel],
+            search_params=search,
+            git_commit=context.git_commit,
+        )
+        logged = tracking.flatten_for_params(config_to_dict(base[0]))
+        if len(panel) > 1:
+            logged["prompt"] = json.dumps(identity.prompts)
+        logged["replicates"] = replicates
+        self.run = tracking.TrialRun.open(cached_client(context.mlflow_uri), identity, logged)
+        self.run.set_tags({"dreamsweep.pid": str(os.getpid()), "dreamsweep.packed": "true"})
+        self.current: dict[int, float] = {}  # replicate -> the objective of its current prompt so far
+
+    @property
+    def total_steps(self) -> int:
+        return len(self.panel) * self.steps_per_prompt
+
+    def prefix(self, replicate: int, position: int) -> str:
+        parts = []
+        if len(self.replicates) > 1:
+            parts.append(f"replicate_{replicate}/")
+        if len(self.panel) > 1:
+            parts.append(f"prompt_{self.panel[position]:03d}/")
+        return "".join(parts)
+
+    def start_prompt(self, replicate: Replicate, prior) -> Any:
+        """The TrainingRun of the replicate's current prompt, resumed from its last checkpoint."""
+        from trainers.checkpoint import latest_checkpoint
+        from trainers.per_prompt import TrainingRun
+
+        config = self.configs[replicate.index][replicate.position]
+        resume = latest_checkpoint(Path(config.output_dir) / "checkpoints")
+        offset = replicate.position * self.steps_per_prompt
+        prefix = self.prefix(replicate.index, replicate.position)
+        if resume is not None:
+            self.run.log_metrics(
+                offset, {prefix + "trial/resumed_at_step": float(resume.name.split("_")[-1])}, force=True
+            )
+
+        def on_metrics(step: int, metrics: dict[str, float]) -> None:
+            if self.context.objective_metric in metrics:
+                self.current[replicate.index] = metrics[self.context.objective_metric]
+            self.run.log_metrics(offset + step, {prefix + k: v for k, v in metrics.items()})
+
+        def on_artifact(step: int, path: Path) -> None:
+            kind = "validation" if Path(path).parent.name == "validation" else "renders"
+            self.run.log_artifact(Path(path), prefix + kind)
+            if kind == "validation":
+                self.run.log_image(Path(path), prefix + "validation", offset + step)
+
+        replicate.run = TrainingRun(
+            config,
+            prior,
+            on_metrics=on_metrics,
+            on_artifact=on_artifact,
+            resume_from=resume,
+            progress=False,
+        )
+        return replicate.run
+
+    def prompt_finished(self, replicate: Replicate, result) -> bool:
+        """Record a replicate's finished prompt; True when the replicate has finished its panel."""
+        final = result.final_metrics.get(self.context.objective_metric)
+        if final is None:
+            raise RuntimeError(
+                f"the trainer never reported the objective {self.context.objective_metric!r} "
+                f"for prompt {self.panel[replicate.position]}"
+            )
+        if result.last_checkpoint is not None:
+            folder = self.prefix(replicate.index, replicate.position) + "checkpoint"
+            self.run.log_artifact(Path(result.last_checkpoint), folder)
+        replicate.finals.append(float(final))
+        replicate.position += 1
+        replicate.run = None
+        self.current.pop(replicate.index, None)
+        replicate.save(self.directory)
+        return replicate.position >= len(self.panel)
+
+    def step(self) -> int:
+        """The trial's step over its panel: its slowest replicate's."""
+        return min(
+            r.position * self.steps_per_prompt + (r.run.step if r.run is not None else 0)
+            for r in self.replicates
+        )
+
+    def objective_now(self) -> float | None:
+        """The mean over replicates of each one's panel objective so far (None before any)."""
+        values = []
+        for r in self.replicates:
+            own = list(r.finals) + ([self.current[r.index]] if r.index in self.current else [])
+            if own:
+                values.append(aggregate(own, self.context.aggregate))
+        return statistics.fmean(values) if values else None
+
+    def final(self) -> tuple[float, float | None]:
+        """(objective, its standard error over replicates; None for one replicate)."""
+        values = [aggregate(r.finals, self.context.aggregate) for r in self.replicates]
+        mean = statistics.fmean(values)
+        sem = statistics.stdev(values) / math.sqrt(len(values)) if len(values) > 1 else None
+        return mean, sem
+
+
+@dataclass
+class TrialReport:
+    """What a worker tells the driver about one of its trials after advancing."""
+
+    number: int
+    step: int
+    total: int
+    objective: float | None = None
+    final: float | None = None
+    sem: float | None = None
+    error: str | None = None
+    pid: int = 0
+
+    @property
+    def ended(self) -> bool:
+        return self.final is not None or self.error is not None
+
+
+class PackWorker:
+    """A Ray actor that owns its resources for the whole sweep: one prior, a pack of trials' members."""
+
+    def __init__(self, context: SweepContext, trials_root: str):
+        from trainers.pack import Pack
+
+        self.threads = match_torch_threads()
+        self.context, self.trials_root = context, trials_root
+        self.pack = Pack()
+        self.trials: dict[int, PackedTrial] = {}
+        self.prior = None
+        self.prior_calls = 0
+        self.unstarted: dict[int, str] = {}  # trials whose `add` failed: number -> the error
+
+    def pid(self) -> int:
+        return os.getpid()
+
+    def add(self, number: int, params: dict, replicates: int) -> None:
+        """Take trial `number` (new, or resumed from its files) into the pack. A trial that cannot start
+        (its config refused, its checkpoint unreadable) is reported failed by the next `advance`."""
+        try:
+            trial = PackedTrial(self.context, number, params, replicates, self.trials_root)
+        except Exception as error:
+            self.unstarted[number] = "".join(traceback.format_exception(error))[-4000:]
+            return
+        self.trials[number] = trial
+        try:
+            if self.prior is None:
+                self.prior = cached_prior(self.context, trial.configs[0][0])
+                self._count_prior_calls()
+            for replicate in trial.replicates:
+                if replicate.position < len(trial.panel):
+                    self.pack.add((number, replicate.index), trial.start_prompt(replicate, self.prior))
+        except Exception as error:
+            self.unstarted[number] = self._fail(trial, error).error
+
+    def _count_prior_calls(self) -> None:
+        # The tests check that a worker step makes one prior call whatever the pack's size.
+        predict = self.prior.predict_noise
+
+        def counted(*args, **kwargs):
+            self.prior_calls += 1
+            return predict(*args, **kwargs)
+
+        self.prior.predict_noise = counted
+
+    def drop(self, number: int) -> None:
+        """Stop trial `number` early (the driver's pruner): its run ends FINISHED, tagged stopped early,
+        as a trial that ASHA stops on the Tune path does."""
+        trial = self.trials.pop(number, None)
+        if trial is None:
+            return
+        for replicate in trial.replicates:
+            if (number, replicate.index) in self.pack.members:
+                self.pack.remove((number, replicate.index))
+        trial.run.set_tags({"dreamsweep.stopped_early": "true"})
+        trial.run.finish("FINISHED")
+
+    def advance(self, seconds: float) -> dict[str, Any]:
+        """Step the pack for about `seconds`, or until a trial ends; every trial's report."""
+        ended = {
+            number: TrialReport(number, 0, 0, error=error, pid=os.getpid())
+            for number, error in self.unstarted.items()
+        }
+        self.unstarted = {}
+        started, steps, calls = time.monotonic(), 0, self.prior_calls
+        most = len(self.pack)
+        while self.pack and not ended and time.monotonic() - started < seconds:
+            most = max(most, len(self.pack))
+            events = self.pack.step()
+            steps += 1
+            for (number, index), event in events.items():
+                trial = self.trials.get(number)
+                if trial is None or number in ended:
+                    continue
+                ended_report = self._member_left(trial, trial.replicates[index], event)
+                if ended_report is not None:
+                    ended[number] = ended_report
+        reports = [r for r in ended.values()]
+        for number, trial in self.trials.items():
+            if number not in ended:
+                reports.append(
+                    TrialReport(
+                        number, trial.step(), trial.total_steps, trial.objective_now(), pid=os.getpid()
+                    )
+                )
+        for number in ended:
+            self.trials.pop(number, None)
+        return {
+            "reports": reports,
+            "steps": steps,
+            "prior_calls": self.prior_calls - calls,
+            "members": most,  # the most members stepped together
+        }
+
+    def _member_left(self, trial: PackedTrial, replicate: Replicate, event) -> TrialReport | None:
+        """A member finished a prompt or failed: go on to its next prompt, or end the trial."""
+        try:
+            if event.failed:
+                raise event.error
+            if not trial.prompt_finished(replicate, event.result):
+                self.pack.add((trial.number, replicate.index), trial.start_prompt(replicate, self.prior))
+                return None
+            if any(r.position < len(trial.panel) for r in trial.replicates):
+                return None  # other replicates still training
+            value, sem = trial.final()
+            metrics = {OBJECTIVE: value} | ({SEM: sem} if sem is not None else {})
+            trial.run.log_metrics(trial.total_steps, metrics, force=True)
+            trial.run.finish("FINISHED")
+            return TrialReport(
+                trial.number, trial.total_steps, trial.total_steps, value, value, sem, pid=os.getpid()
+            )
+        except Exception as error:  # this trial alone fails: its replicates leave, the pack goes on
+            return self._fail(trial, error)
+
+    def _fail(self, trial: PackedTrial, error: BaseException) -> TrialReport:
+        text = "".join(traceback.format_exception(error))[-4000:]
+        for other in trial.replicates:
+            if (trial.number, other.index) in self.pack.members:
+                self.pack.remove((trial.number, other.index))
+        self.trials.pop(trial.number, None)
+        trial.run.set_tags({"dreamsweep.error": text})
+        trial.run.finish("FAILED")
+        return TrialReport(trial.number, trial.step(), trial.total_steps, error=text, pid=os.getpid())
+
+
+# ---------------------------------------------------------------------------------------------------
+# Driver side
+
+
+def make_pruner(spec: SweepSpec) -> optuna.pruners.BasePruner:
+    """ASHA as an Optuna pruner: asynchronous successive halving over the trials' reported steps."""
+    if spec.early_stopping is None:
+        return optuna.pruners.NopPruner()
+    asha = spec.early_stopping
+    return optuna.pruners.SuccessiveHalvingPruner(
+        min_resource=asha.grace_period,
+        reduction_factor=int(asha.reduction_factor),
+        min_early_stopping_rate=0,
+    )
+
+
+@dataclass
+class Slot:
+    """A worker as the driver sees it: its actor and the trials it holds."""
+
+    actor: Any
+    trials: set[int] = field(default_factory=set)
+
+
+class PackedSweep:
+    """The driver's loop over the workers; every decision is written to the study as it is made."""
+
+    def __init__(
+        self, spec: SweepSpec, context: SweepContext, optuna_url: str, trials_root: str, progress=None
+    ):
+        from orchestrator.run.tuner import optuna_storage
+
+        self.spec, self.context, self.trials_root = spec, context, trials_root
+        num_prompts = len(context.prompts)
+        self.total = num_prompts if spec.kind == "fanout" else spec.trials
+        self.distributions = optuna_space(spec, num_prompts)
+        self.study = optuna.create_study(
+            study_name=spec.name,
+            storage=optuna_storage(optuna_url),
+            sampler=make_sampler(spec, num_prompts),
+            pruner=make_pruner(spec),
+            direction="minimize" if spec.objective.mode == "min" else "maximize",
+            load_if_exists=True,
+        )
+        self.progress = progress(self.study) if progress is not None else None
+        self.per_worker = spec.trials_per_worker
+        n_workers = spec.workers or math.ceil(min(spec.max_concurrent, self.total) / self.per_worker)
+        self.actor_class = ray.remote(PackWorker).options(
+            num_cpus=spec.resources.cpus, num_gpus=spec.resources.gpus, max_restarts=0
+        )
+        self.slots = [Slot(self.actor_class.remote(context, trials_root)) for _ in range(n_workers)]
+        # Trials the study has RUNNING when this driver starts: their driver died (kill -9, a lost
+        # head). They continue from their files first, without counting against `retries`.
+        self.orphans = [t.number for t in self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))]
+        self.pending_drops: list = []
+        self.stats = {"worker_steps": 0, "prior_calls": 0, "max_members": 0}
+
+    # -- which trial next -----------------------------------------------------------------------
+
+    def next_trial(self) -> tuple[int, dict] | None:
+        """An orphaned RUNNING trial first, else a new one from the sampler while the budget lasts."""
+        if self.orphans:
+            number = self.orphans.pop(0)
+            return number, dict(self.study.trials[number].params)
+        trials = self.study.get_trials(deepcopy=False)
+        if len(trials) >= self.total:
+            return None
+        if self.spec.kind == "fanout":
+            taken = {t.params.get(PROMPT_INDEX) for t in trials}
+            free = [i for i in range(self.total) if i not in taken]
+            if not free:
+                return None
+            self.study.enqueue_trial({PROMPT_INDEX: free[0]})
+        trial = self.study.ask(self.distributions)
+        return trial.number, dict(trial.params)
+
+    # -- the loop ---------------------------------------------------------------------------------
+
+    def fill(self) -> None:
+        for slot in self.slots:
+            while len(slot.trials) < self.per_worker:
+                chosen = self.next_trial()
+                if chosen is None:
+                    return
+                number, params = chosen
+                slot.actor.add.remote(number, params, self.spec.replicates)
+                slot.trials.add(number)
+                if self.progress is not None:
+                    self.progress.started(number, params)
+
+    def run(self) -> None:
+        self.fill()
+        while any(slot.trials for slot in self.slots):
+            busy = [slot for slot in self.slots if slot.trials]
+            futures = [slot.actor.advance.remote(self.context.report_every_s) for slot in busy]
+            for slot, future in zip(busy, futures, strict=True):
+                try:
+                    answer = ray.get(future)
+                except ray.exceptions.RayActorError:
+                    self._replace(slot)
+                    continue
+                except ray.exceptions.RayTaskError as error:  # the worker's own code failed: its trials too
+                    for number in slot.trials:
+                        self._fail(number, str(error))
+                    slot.trials.clear()
+                    continue
+                self.stats["worker_steps"] += answer["steps"]
+                self.stats["prior_calls"] += answer["prior_calls"]
+                self.stats["max_members"] = max(self.stats["max_members"], answer["members"])
+                for report in answer["reports"]:
+                    self._handle(slot, report)
+            self.fill()
+        if self.progress is not None:
+            self.progress.finished()
+
+    def _handle(self, slot: Slot, report: TrialReport) -> None:
+        if report.error is not None:
+            self._fail(report.number, report.error)
+            slot.trials.discard(report.number)
+            return
+        if report.final is not None:
+            if report.sem is not None:
+                self.study._storage.set_trial_user_attr(self._trial_id(report.number), SEM, report.sem)
+            self._tell(report.number, report.final)
+            slot.trials.discard(report.number)
+            if self.progress is not None:
+                self.progress.completed(report)
+            return
+        if self.progress is not None:
+            self.progress.reported(report)
+        if report.objective is not None and self.spec.early_stopping is not None:
+            trial = optuna.Trial(self.study, self._trial_id(report.number))
+            trial.report(report.objective, report.step)
+            if report.step < report.total and trial.should_prune():
+                # The worker drops it before its next advance (an actor runs its calls in order).
+                self.pending_drops.append(slot.actor.drop.remote(report.number))
+                self._tell(report.number, state=TrialState.PRUNED)
+                slot.trials.discard(report.number)
+                if self.progress is not None:
+                    self.progress.completed(report, pruned=True)
+
+    def _tell(self, number: int, value: float | None = None, state: TrialState | None = None) -> None:
+        try:
+            self.study.tell(number, value, state=state)
+        except RuntimeError as error:
+            # The grid sampler calls study.stop() once its grid is used up, which Optuna allows only
+            # inside study.optimize; the trial's state is stored before that (Optuna's tell).
+            if "Study.stop" not in str(error):
+                raise
+
+    def _trial_id(self, number: int) -> int:
+        return self.study.trials[number]._trial_id
+
+    def _fail(self, number: int, error: str) -> None:
+        trial_id = self._trial_id(number)
+        self.study._storage.set_trial_user_attr(trial_id, "error", error[-2000:])
+        self._tell(number, state=TrialState.FAIL)
+        if self.progress is not None:
+            self.progress.failed(number, error)
+
+    def _replace(self, slot: Slot) -> None:
+        """A worker died (its node was lost): a new one takes its place; its trials continue from their
+        files, on whichever worker has a slot first, each at most `retries` times."""
+        slot.actor = self.actor_class.remote(self.context, self.trials_root)
+        for number in sorted(slot.trials):
+            trial_id = self._trial_id(number)
+            attempts = int(self.study.trials[number].user_attrs.get(ATTEMPTS, 0)) + 1
+            self.study._storage.set_trial_user_attr(trial_id, ATTEMPTS, attempts)
+            if attempts > self.spec.retries:
+                self._fail(number, f"its worker died {attempts} times (retries: {self.spec.retries})")
+            else:
+                self.orphans.append(number)
+        slot.trials = set()
+
+    def shutdown(self) -> None:
+        try:
+            ray.get(self.pending_drops, timeout=60)  # pruned trials' runs get their status first
+        except Exception:  # a dead worker's drop has nothing left to do
+            pass
+        for slot in self.slots:
+            ray.kill(slot.actor)
+
+
+def run_packed(
+    spec: SweepSpec, context: SweepContext, optuna_url: str, trials_root: str, progress=None
+) -> dict:
+    """Run (or continue) a packed sweep to its end; returns the driver's counters."""
+    sweep = PackedSweep(spec, context, optuna_url, trials_root, progress)
+    try:
+        sweep.run()
+    finally:
+        sweep.shutdown()
+    return sweep.stats | {"workers": len(sweep.slots)}

@@ -1,0 +1,184 @@
+"""Packed sweeps (`pack: K`): workers that each train several trials at once behind one prior call,
+every trial still its own Optuna trial, MLflow run and failure. On the reference benchmark (the
+quickstart's prior, 16 px), through a local Ray on the 2 CPUs; checked through MLflow's client and
+the Optuna study."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import mlflow
+import optuna
+import pytest
+import ray
+
+from orchestrator.run.sweep import submit
+from orchestrator.run.workspace import Workspace
+from orchestrator.spec.spec import SpecError, load_sweep_spec
+from orchestrator.track import tracking
+
+ROOT = Path(__file__).resolve().parent.parent
+STEPS = 10
+UNCOND = ["a red cube", "a green torus", "a blue sphere", "a yellow cone"]
+
+
+def overrides(cache_dir) -> dict:
+    return {
+        "max_steps": STEPS,
+        "resolution": 16,
+        "prior.image_size": 16,
+        "prior.cache_dir": str(cache_dir),
+        "prior.reference.uncond_prompts": UNCOND,
+        "renderer.num_samples_per_ray": 16,
+        "logging.log_every": 1,
+        "logging.checkpoint_every": 5,
+        "logging.val_every": 5,
+        "logging.val_views": 2,
+        "logging.turntable_frames": 4,
+    }
+
+
+def spec(name: str, cache_dir, **extra) -> dict:
+    return {
+        "name": name,
+        "kind": "search",
+        "base": str(ROOT / "sweeps/configs/reference_cpu.yaml"),
+        "overrides": overrides(cache_dir),
+        "prompts": {"items": ["a red cube"]},
+        "search": {
+            "space": {
+                "guidance.eta": {"type": "float", "low": 0.0, "high": 0.5},
+                "guidance.cfg_scale": {"type": "float", "low": 1.0, "high": 10.0, "log": True},
+            },
+        },
+        "objective": {"metric": "eval/psnr", "mode": "max"},
+        "trials": 5,
+        "pack": 2,
+        "max_concurrent": 4,
+        "resources": {"cpus": 1, "gpus": 0},
+        **extra,
+    }
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("reference-cache")
+
+
+@pytest.fixture(scope="module")
+def packed_sweep(local_ray, tmp_path_factory, cache_dir):
+    ws = Workspace(tmp_path_factory.mktemp("ws-packed"))
+    outcome = submit(spec("packed", cache_dir), workspace=ws)
+    record = ws.record("packed")
+    study = optuna.load_study(study_name="packed", storage=record.stores.optuna_url)
+    client = mlflow.MlflowClient(record.stores.mlflow_uri)
+    runs = tracking.trial_runs(client, record.experiment_id)
+    return outcome, study, client, runs
+
+
+def test_every_trial_of_a_packed_sweep_completes_with_one_mlflow_run_of_its_own(packed_sweep):
+    outcome, study, client, runs = packed_sweep
+    assert [t.state.name for t in study.trials] == ["COMPLETE"] * 5 and outcome.complete == 5
+    assert sorted(int(r.data.tags[tracking.TAG_OPTUNA_TRIAL]) for r in runs) == [0, 1, 2, 3, 4]
+    for run in runs:
+        number = int(run.data.tags[tracking.TAG_OPTUNA_TRIAL])
+        assert run.info.status == "FINISHED"
+        assert run.data.metrics["objective"] == pytest.approx(study.trials[number].value)
+        assert run.data.metrics["eval/psnr"] == pytest.approx(study.trials[number].value)
+        # Metrics at the member's own steps, each step once.
+        steps = tracking.metric_steps(client, run.info.run_id, ["train/loss"])["train/loss"]
+        assert steps == list(range(1, STEPS + 1))
+        artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "renders")}
+        assert "renders/turntable.gif" in artifacts
+
+
+def test_members_of_one_worker_train_at_overlapping_times_with_one_prior_call_per_worker_step(packed_sweep):
+    outcome, _, _, runs = packed_sweep
+    by_pid: dict[str, list] = {}
+    for run in runs:
+        by_pid.setdefault(run.data.tags["dreamsweep.pid"], []).append(run)
+    assert len(by_pid) == 2  # ⌈max_concurrent 4 / pack 2⌉ workers, each warm for the whole sweep
+    for members in by_pid.values():
+        spans = sorted((r.info.start_time, r.info.end_time) for r in members)
+        assert any(later[0] < earlier[1] for earlier, later in zip(spans, spans[1:], strict=False))
+    assert outcome.stats["workers"] == 2 and outcome.stats["max_members"] == 2
+    assert outcome.stats["prior_calls"] == outcome.stats["worker_steps"] > 0
+
+
+def test_a_freed_slot_takes_the_next_trial_while_the_other_member_goes_on(local_ray, tmp_path, cache_dir):
+    """Trials of different lengths on one worker of 2 slots: the third trial starts when the shorter of
+    the first two ends, while the longer one is still training."""
+    ws = Workspace(tmp_path / "ws")
+    lengths = spec(
+        "lengths",
+        cache_dir,
+        trials=3,
+        max_concurrent=2,
+        search={"space": {"max_steps": {"type": "categorical", "choices": [4, 12, 8]}}, "sampler": "grid"},
+    )
+    outcome = submit(lengths, workspace=ws)
+    assert outcome.complete == 3 and outcome.stats["workers"] == 1
+    record = ws.record("lengths")
+    runs = tracking.trial_runs(mlflow.MlflowClient(record.stores.mlflow_uri), record.experiment_id)
+    first, second, third = sorted(runs, key=lambda r: r.info.start_time)
+    assert len({r.data.tags["dreamsweep.pid"] for r in runs}) == 1
+    assert third.info.start_time >= min(first.info.end_time, second.info.end_time) - 1000
+    assert third.info.start_time < max(first.info.end_time, second.info.end_time)
+
+
+def test_a_member_whose_loss_goes_nan_fails_its_trial_alone(local_ray, tmp_path, cache_dir):
+    ws = Workspace(tmp_path / "ws")
+    nan = spec(
+        "nan",
+        cache_dir,
+        trials=2,
+        max_concurrent=2,
+        workers=1,
+        # A CFG of 1e38 makes the guidance loss overflow to inf at the first step.
+        search={
+            "space": {"guidance.cfg_scale": {"type": "categorical", "choices": [7.5, 1e38]}},
+            "sampler": "grid",
+        },
+    )
+    outcome = submit(nan, workspace=ws)
+    record = ws.record("nan")
+    study = optuna.load_study(study_name="nan", storage=record.stores.optuna_url)
+    states = {t.params["guidance.cfg_scale"]: t.state.name for t in study.trials}
+    assert states == {7.5: "COMPLETE", 1e38: "FAIL"}
+    assert outcome.complete == 1 and outcome.failed == 1
+    failed = next(t for t in study.trials if t.state.name == "FAIL")
+    assert "is nan" in failed.user_attrs["error"] or "is inf" in failed.user_attrs["error"]
+    client = mlflow.MlflowClient(record.stores.mlflow_uri)
+    status = {
+        r.data.tags[tracking.TAG_OPTUNA_TRIAL]: r.info.status
+        for r in tracking.trial_runs(client, record.experiment_id)
+    }
+    assert sorted(status.values()) == ["FAILED", "FINISHED"]
+
+
+@pytest.mark.parametrize(
+    "extra, field",
+    [
+        ({"pack": 0}, "pack"),
+        ({"pack": 2.5}, "pack"),
+        ({"replicates": 0}, "replicates"),
+        ({"pack": 2, "replicates": 3}, "replicates"),
+    ],
+)
+def test_bad_pack_and_replicates_are_refused_naming_the_field(cache_dir, extra, field):
+    with pytest.raises(SpecError, match=field):
+        load_sweep_spec(spec("bad", cache_dir, **extra))
+
+
+def test_packing_vsd_is_refused_naming_both_keys(cache_dir):
+    bad = spec("vsd", cache_dir)
+    bad["overrides"] = {**bad["overrides"], "guidance.method": "vsd"}
+    with pytest.raises(SpecError, match=r"pack: 2 with guidance.method: vsd"):
+        load_sweep_spec(bad)
