@@ -50,6 +50,7 @@ from orchestrator.run.trainable import (
     run_amortized_trial,
     run_trial,
 )
+from orchestrator.spec.secrets import usable_url
 from orchestrator.spec.space import PROMPT_INDEX, make_sampler, optuna_space
 from orchestrator.spec.spec import SweepSpec
 
@@ -73,7 +74,22 @@ def _quiet_ray() -> None:
 
 
 def optuna_storage(url: str) -> optuna.storages.BaseStorage:
-    return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs(url))
+    """The study's storage from its recorded URL (`${NAME}` resolved, a `***` password taken from
+    PGPASSWORD or ~/.pgpass, postgresql:// given the installed driver: orchestrator.spec.secrets)."""
+    import sqlalchemy.exc
+
+    from orchestrator.spec.secrets import redact_url
+    from orchestrator.spec.spec import SpecError
+
+    usable = usable_url(url, "storage.optuna")
+    try:
+        return optuna.storages.RDBStorage(usable, engine_kwargs=engine_kwargs(usable))
+    except sqlalchemy.exc.OperationalError as exc:
+        reason = str(exc.orig).strip().splitlines()[-1] if exc.orig is not None else str(exc)
+        hint = ""
+        if "password" in reason:
+            hint = "; give the database's password in PGPASSWORD or ~/.pgpass (README: Clusters)"
+        raise SpecError(f"storage.optuna: cannot connect to {redact_url(url)}: {reason}{hint}") from None
 
 
 class SweepSearch(OptunaSearch):
@@ -323,7 +339,7 @@ def build_tuner(
         ),
         run_config=tune.RunConfig(
             name=spec.name,
-            storage_path=tune_path,
+            storage_path=usable_url(tune_path, "storage.tune"),
             failure_config=tune.FailureConfig(max_failures=spec.retries),
             checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
             callbacks=[*callbacks, ReconcileOnRestore(generator)],
@@ -333,7 +349,8 @@ def build_tuner(
 
 
 def experiment_path(tune_path: str, name: str) -> str:
-    return f"{tune_path.rstrip('/')}/{name}"
+    """The sweep's Tune experiment, from its recorded storage (a `${NAME}` in it resolved here)."""
+    return f"{usable_url(tune_path, 'storage.tune').rstrip('/')}/{name}"
 
 
 def can_restore(tune_path: str, name: str) -> bool:
