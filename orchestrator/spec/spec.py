@@ -347,6 +347,7 @@ def check_spec(spec: SweepSpec) -> None:
     for key in spec.overrides:
         if key.split(".")[0] in ("prompt", "prompts", "output_dir"):
             raise SpecError(f"overrides.{key}: set by the sweep itself (prompts come from `prompts`)")
+    _check_written_paths(spec)
 
     first_prompt = str(prompts.column("prompt")[0])
     base = base_config_dict(spec)
@@ -379,6 +380,30 @@ def check_spec(spec: SweepSpec) -> None:
         from orchestrator.spec.space import grid_values
 
         grid_values(spec)  # raises SpecError for parameters without a finite grid
+
+
+# Trainer keys naming a file or folder a trial writes to (besides its own folder, which the sweep sets).
+WRITTEN_PATH_KEYS = ("text_cache.path", "prior.cache_dir")
+
+
+def _check_written_paths(spec: SweepSpec) -> None:
+    """A trial writes only in its own folder and the caches: a written path in the spec's overrides or
+    search space that climbs out with `..` is refused (a cache goes where it is named, absolutely)."""
+    from trainers.config_base import flatten
+
+    candidates = [(f"overrides.{k}", v) for k, v in flatten(spec.overrides).items()]
+    for key, param in spec.search.space.items():
+        for choice in getattr(param, "choices", []):
+            candidates.append((f"search.space.{key}", choice))
+    for field, value in candidates:
+        key = (
+            field.split(".", 1)[1] if field.startswith("overrides.") else field.removeprefix("search.space.")
+        )
+        if key in WRITTEN_PATH_KEYS and isinstance(value, str) and ".." in Path(value).parts:
+            raise SpecError(
+                f"{field}: {value!r} climbs out of its folder with '..'; give the cache an absolute path "
+                "(e.g. on a mount every node has)"
+            )
 
 
 def trainer_functions(trainer: str):
