@@ -13,6 +13,7 @@ import random
 import numpy as np
 import pytest
 import torch
+import yaml
 
 from orchestrator.cli import main
 from trainers.checkpoint import (
@@ -88,8 +89,6 @@ def test_dreamsweep_train_resume_refuses_the_checkpoint_and_creates_no_file(tmp_
 
 
 def test_the_amortized_trainer_refuses_it_too(tmp_path, capsys):
-    import yaml
-
     from tests.test_amortized import TINY
 
     marker = tmp_path / "pwned"
@@ -101,4 +100,48 @@ def test_the_amortized_trainer_refuses_it_too(tmp_path, capsys):
 
     assert main(["train", str(config), *overrides, "--resume", "latest"]) == 2
     assert str(run / "checkpoints" / "step_0000005" / "state.pt") in capsys.readouterr().err
+    assert not marker.exists()
+
+
+def test_dreamsweep_resume_refuses_a_planted_checkpoint_and_creates_no_file(tmp_path):
+    """A sweep's driver is killed with trials in flight; every checkpoint Tune kept is replaced by one
+    whose pickle would create a file; `dreamsweep resume` refuses them (the trial fails, naming the
+    file) and the file is never created."""
+    import glob
+    import os
+    import signal
+    import subprocess
+
+    from orchestrator.run.workspace import Workspace
+    from tests.test_sweep_resume import SPEC, cli, wait_for_kill_point
+
+    marker = tmp_path / "pwned"
+    spec_path = tmp_path / "spec.yaml"
+    spec_path.write_text(yaml.safe_dump({**SPEC, "retries": 0}))
+    ws = Workspace(tmp_path / "ws")
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    with open(tmp_path / "submit.log", "w") as log:
+        driver = subprocess.Popen(
+            cli("submit", str(spec_path), "--workspace", str(ws.root)), env=env, stdout=log, stderr=log
+        )
+        _, in_flight = wait_for_kill_point(ws, driver)
+        os.kill(driver.pid, signal.SIGKILL)
+        driver.wait()
+    planted = glob.glob(f"{ws.root}/ray_results/killed/*/checkpoint_*/state.pt")
+    assert planted
+    for path in planted:
+        torch.save({"step": 2, "x": CreatesAFile(marker)}, path)
+
+    resumed = subprocess.run(
+        cli("resume", "killed", "--workspace", str(ws.root)),
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=400,
+    )
+    errors = "".join(open(p).read() for p in glob.glob(f"{ws.root}/ray_results/killed/*/error.txt"))
+    assert "CheckpointError" in errors and "could run code" in errors, (
+        resumed.stdout[-2000:] + resumed.stderr[-2000:]
+    )
+    assert "restored_checkpoint/state.pt" in errors  # the trial's copy of the planted file, by name
     assert not marker.exists()

@@ -161,3 +161,20 @@ def test_credentials_in_the_tune_storage_url_are_refused():
         SpecError, match=r"storage\.tune: s3://AKIA:\*\*\*@bucket/r embeds a password.*credential"
     ):
         load_sweep_spec({**SPEC, "storage": {"tune": "s3://AKIA:hunter2@bucket/r"}})
+
+
+def test_the_study_storage_pickles_into_tunes_state_with_its_recorded_url(tmp_path, monkeypatch):
+    """OptunaSearch (and with it the study's storage) is pickled into Tune's tuner.pkl and search state:
+    the storage goes there with the URL as recorded, and connects again from it when unpickled."""
+    import pickle
+
+    from orchestrator.run.tuner import optuna_storage
+
+    monkeypatch.setenv("STUDY_DIR", str(tmp_path / "resolved-value"))
+    (tmp_path / "resolved-value").mkdir()
+    storage = optuna_storage("sqlite:///${STUDY_DIR}/optuna.db")
+    pickled = pickle.dumps(storage)
+    assert b"${STUDY_DIR}" in pickled and b"resolved-value" not in pickled
+    again = pickle.loads(pickled)
+    assert again.url == f"sqlite:///{tmp_path}/resolved-value/optuna.db"
+    assert again.get_all_studies() == []  # connected

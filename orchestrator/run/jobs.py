@@ -90,8 +90,8 @@ def connect(address: str, timeout_s: float = CONNECT_TIMEOUT_S):
         ) from None
     except requests.exceptions.RequestException as exc:
         raise ClusterError(
-            f"cannot reach the Ray cluster at {address} ({type(exc).__name__}); start the head with "
-            "`ray start --head --dashboard-host 0.0.0.0`, or forward its port: `ray dashboard CLUSTER.yaml`"
+            f"cannot reach the Ray cluster at {address} ({type(exc).__name__}); forward the head's dashboard "
+            "port: `ray dashboard CLUSTER.yaml` (the dashboard listens on the head's loopback; README: Clusters)"
         ) from None
     try:
         return JobSubmissionClient(address)

@@ -73,6 +73,26 @@ def _quiet_ray() -> None:
     logging.getLogger("ray.tune").setLevel(logging.WARNING)
 
 
+class SweepStorage(optuna.storages.RDBStorage):
+    """Optuna's RDBStorage, made from a sweep's recorded URL, that pickles (into Tune's tuner.pkl and
+    search state, through OptunaSearch) with that recorded URL, never with the one it connects with,
+    and connects again from it when unpickled (orchestrator.spec.secrets.usable_url)."""
+
+    def __init__(self, recorded_url: str):
+        self.recorded_url = recorded_url
+        usable = usable_url(recorded_url, "storage.optuna")
+        super().__init__(usable, engine_kwargs=engine_kwargs(usable))
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = super().__getstate__()
+        state["url"] = None  # made again from recorded_url by __setstate__
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        state["url"] = usable_url(state["recorded_url"], "storage.optuna")
+        super().__setstate__(state)
+
+
 def optuna_storage(url: str) -> optuna.storages.BaseStorage:
     """The study's storage from its recorded URL (`${NAME}` resolved, a `***` password taken from
     PGPASSWORD or ~/.pgpass, postgresql:// given the installed driver: orchestrator.spec.secrets)."""
@@ -81,9 +101,8 @@ def optuna_storage(url: str) -> optuna.storages.BaseStorage:
     from orchestrator.spec.secrets import redact_url
     from orchestrator.spec.spec import SpecError
 
-    usable = usable_url(url, "storage.optuna")
     try:
-        return optuna.storages.RDBStorage(usable, engine_kwargs=engine_kwargs(usable))
+        return SweepStorage(url)
     except sqlalchemy.exc.OperationalError as exc:
         reason = str(exc.orig).strip().splitlines()[-1] if exc.orig is not None else str(exc)
         hint = ""
