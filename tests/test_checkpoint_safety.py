@@ -103,6 +103,7 @@ def test_the_amortized_trainer_refuses_it_too(tmp_path, capsys):
     assert not marker.exists()
 
 
+@pytest.mark.slow
 def test_dreamsweep_resume_refuses_a_planted_checkpoint_and_creates_no_file(tmp_path):
     """A sweep's driver is killed with trials in flight; every checkpoint Tune kept is replaced by one
     whose pickle would create a file; `dreamsweep resume` refuses them (the trial fails, naming the

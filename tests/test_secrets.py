@@ -24,6 +24,7 @@ from orchestrator.spec.secrets import (
     redact_url,
     register_credentials,
     usable_url,
+    without_userinfo,
 )
 from orchestrator.spec.spec import SpecError, Storage, load_sweep_spec, save_spec, spec_to_dict
 
@@ -75,6 +76,8 @@ def test_the_url_a_client_uses_is_made_where_it_is_used(monkeypatch):
     assert usable_url("http://alice:s3cr%40t@mlflow:5000") == "http://mlflow:5000"
     assert os.environ["MLFLOW_TRACKING_USERNAME"] == "alice"
     assert os.environ["MLFLOW_TRACKING_PASSWORD"] == "s3cr@t"
+    # A link for a browser carries no user at all (the browser asks for it).
+    assert without_userinfo("http://alice:***@mlflow:5000/#/x") == "http://mlflow:5000/#/x"
     # Forms that already name a driver are kept.
     assert usable_url("postgresql+psycopg://u@h/d") == "postgresql+psycopg://u@h/d"
     assert usable_url("sqlite:////tmp/x.db") == "sqlite:////tmp/x.db"

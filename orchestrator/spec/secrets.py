@@ -72,7 +72,7 @@ def literal_password(url: str | None) -> bool:
     parts = _userinfo(url)
     if parts is not None:
         _, password = _split_userinfo(parts[1])
-        if password is not None and password != REDACTED and not _is_reference(password):
+        if password and password != REDACTED and not _is_reference(password):
             return True
     return any(
         key.lower() in SECRET_PARAMS and value != REDACTED and not _is_reference(value)
@@ -100,7 +100,7 @@ def redact_url(url: str | None) -> str | None:
     if parts is not None:
         prefix, userinfo, rest = parts
         user, password = _split_userinfo(userinfo)
-        if password is not None and not _is_reference(password):
+        if password and not _is_reference(password):
             url = f"{prefix}{user}:{REDACTED}@{rest}"
     if "?" in url and any(key.lower() in SECRET_PARAMS for key, _ in _query(url)):
         base, _, query = url.partition("?")
@@ -113,12 +113,10 @@ def redact_url(url: str | None) -> str | None:
     return url
 
 
-def redact_text(text: str, urls: Iterable[str | None]) -> str:
-    """`text` with each of `urls` (as written or resolved) replaced by its redacted form."""
-    for url in urls:
-        if url and literal_password(url):
-            text = text.replace(url, redact_url(url) or "")
-    return text
+def without_userinfo(url: str) -> str:
+    """`url` with no user or password at all: a link for a browser, which asks for them itself."""
+    parts = _userinfo(url)
+    return url if parts is None else parts[0] + parts[2]
 
 
 def resolve_references(url: str, field: str) -> str:

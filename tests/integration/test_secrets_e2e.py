@@ -17,12 +17,14 @@ from __future__ import annotations
 import os
 import secrets
 import subprocess
+import sys
 import urllib.request
 from base64 import b64encode
 from pathlib import Path
 
 import pytest
 
+from orchestrator.track.mlflow_app import default_workflow_script
 from tests.integration.conftest import PORT_BASE
 from tests.integration.local_cluster import new_cluster
 from tests.integration.services import start_mlflow_server
@@ -61,15 +63,15 @@ def secured(postgres):
         server.stop()
 
 
-def http_status(url: str, password: str | None) -> int:
+def http_get(url: str, password: str | None) -> tuple[int, str]:
     request = urllib.request.Request(url)
     if password is not None:
         request.add_header("Authorization", "Basic " + b64encode(f"{USER}:{password}".encode()).decode())
     try:
         with urllib.request.urlopen(request, timeout=60) as response:  # a loaded machine hashes slowly
-            return response.status
+            return response.status, response.read().decode(errors="replace")
     except urllib.error.HTTPError as exc:
-        return exc.code
+        return exc.code, ""
 
 
 def files_holding(secret: str, *roots: Path) -> list[str]:
@@ -89,8 +91,11 @@ def test_no_byte_a_sweep_leaves_holds_the_password(secured, tmp_path, capsys, mo
     for key in CREDENTIAL_ENV:
         monkeypatch.delenv(key, raising=False)
     # The tracking server asks for its user, and its index page keeps dreamsweep's default view.
-    assert http_status(f"{server.url}/api/2.0/mlflow/experiments/search?max_results=1", None) == 401
-    assert http_status(f"{server.url}/api/2.0/mlflow/experiments/search?max_results=1", MLFLOW_SECRET) == 200
+    search = f"{server.url}/api/2.0/mlflow/experiments/search?max_results=1"
+    assert http_get(search, None)[0] == 401 and http_get(search, "wrong")[0] == 401
+    assert http_get(search, MLFLOW_SECRET)[0] == 200
+    status, page = http_get(f"{server.url}/", MLFLOW_SECRET)
+    assert status == 200 and default_workflow_script() in page
 
     shared = tmp_path / "shared"
     printed: list[str] = []
@@ -202,3 +207,40 @@ def test_no_byte_a_sweep_leaves_holds_the_password(secured, tmp_path, capsys, mo
         import shutil
 
         shutil.rmtree(cluster_logs, ignore_errors=True)
+
+
+def test_a_head_with_rays_token_answers_only_a_submitter_that_has_it():
+    """Ray's token authentication (what clusters/ turn on): `dreamsweep` reaches the Jobs API with
+    RAY_AUTH_MODE=token and the token, and without it is told, in one line, what to set."""
+    from tests.integration.local_cluster import Node
+
+    token = secrets.token_hex(32)
+    cluster = new_cluster(PORT_BASE + 300)
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token, "RAY_USAGE_STATS_ENABLED": "0"}
+    env.pop("RAY_ADDRESS", None)
+    ports = cluster._node_ports(0)
+    dreamsweep = str(Path(sys.executable).with_name("dreamsweep"))
+    try:
+        cluster._ray(
+            ["--head", f"--port={cluster.base_port}", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
+             f"--dashboard-port={cluster.base_port + 1}", f"--ray-client-server-port={cluster.base_port + 2}",
+             f"--temp-dir={cluster.temp_dir}", "--num-gpus=0", "--num-cpus=1", "--disable-usage-stats",
+             *(f"--{k}={v}" for k, v in ports.items())],
+            env,
+        )  # fmt: skip
+        cluster.head = Node("head", ports["node-manager-port"], list(ports.values()))
+        without = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_AUTH", "RAY_ADDRESS"))}
+        listed = subprocess.run(
+            [dreamsweep, "list", "--address", cluster.dashboard_url],
+            env={**without, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token},
+            capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+        assert listed.returncode == 0 and "no sweeps ran on" in listed.stdout, listed.stderr[-2000:]
+        refused = subprocess.run(
+            [dreamsweep, "list", "--address", cluster.dashboard_url],
+            env={**without, "RAY_AUTH_MODE": "disabled"}, capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+        assert refused.returncode == 2 and "asks for Ray's token" in refused.stderr
+        assert "set RAY_AUTH_MODE=token and RAY_AUTH_TOKEN" in refused.stderr
+    finally:
+        cluster.stop()
