@@ -366,7 +366,11 @@ def cmd_report(args) -> int:
         record = workspace.record(name)
         uri, page = record.stores.mlflow_uri, f"#/experiments/{record.experiment_id}"
         if uri.startswith(("http://", "https://")):
-            print(f"{name} in MLflow: {uri.rstrip('/')}/{page}?workflowType=machine_learning")
+            from orchestrator.spec.secrets import without_userinfo
+
+            print(
+                f"{name} in MLflow: {without_userinfo(uri).rstrip('/')}/{page}?workflowType=machine_learning"
+            )
         else:
             print(f"{name} in MLflow: mlflow ui --backend-store-uri {uri} --app-name dreamsweep, then {page}")
     return 0

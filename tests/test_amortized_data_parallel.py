@@ -15,7 +15,7 @@ import yaml
 
 from trainers.amortized.config import load_amortized_config
 from trainers.amortized.data_parallel import ClusterTooSmallError, build_trainer, fit
-from trainers.checkpoint import latest_checkpoint, load_checkpoint
+from trainers.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint
 
 TINY = {
     "trainer": "amortized",
@@ -67,7 +67,7 @@ def kill_worker_after_checkpoint(output_dir: Path, rank: int, seen: dict) -> thr
             pid_file = output_dir / f"worker_{rank}.pid"
             try:
                 steps = persisted_steps(output_dir)
-            except (OSError, RuntimeError, EOFError):  # a checkpoint being written right now
+            except CheckpointError:  # a checkpoint being written right now (a partial file)
                 steps = []
             # Two: the older one is surely registered with Ray Train by the time the newer is on disk.
             if len(steps) >= 2 and pid_file.exists():

@@ -3,6 +3,7 @@ what is uploaded with a job, and how an unreachable or wrong address is reported
 
 from __future__ import annotations
 
+import re
 import socket
 import subprocess
 import threading
@@ -45,13 +46,16 @@ def test_cluster_launcher_configs_pass_rays_schema_with_an_autoscaling_gpu_worke
     assert ("spot" in node) and any(gpu_kind in node for gpu_kind in ("a100", "p4d", "h100", "p5"))
     assert any("pip install" in c and "-e /home/ubuntu/dreamsweep" in c for c in config["setup_commands"])
     start = " ".join(config["head_start_ray_commands"])
-    assert "--dashboard-host=0.0.0.0" in start and "mlflow server" in start and "--allowed-hosts" in start
+    assert "--dashboard-host=127.0.0.1" in start and "mlflow server" in start and "--allowed-hosts" in start
     assert any("postgresql" in c for c in config["head_setup_commands"])
+    # Every node reads the cluster's secrets before `ray start`: Ray's token, MLflow's credentials.
+    starts = config["head_start_ray_commands"] + config["worker_start_ray_commands"]
+    assert all(". ~/.dreamsweep/cluster.env" in c for c in starts if "ray start" in c)
 
 
 def _check_ray_cluster_spec(spec: dict) -> None:
     head = spec["headGroupSpec"]
-    assert head["rayStartParams"]["dashboard-host"] == "0.0.0.0"
+    assert spec["authOptions"]["mode"] == "token"  # the dashboard on the pod's address asks for Ray's token
     assert head["template"]["spec"]["containers"][0]["image"]
     (group,) = spec["workerGroupSpecs"]
     assert group["groupName"] and 0 <= group["minReplicas"] <= group["replicas"] <= group["maxReplicas"]
@@ -78,6 +82,145 @@ def test_kuberay_rayjob_runs_a_sweep_spec_whose_stores_a_cluster_reaches():
     assert {"name": "sweep", "configMap": {"name": config_map["metadata"]["name"]}} in volumes
     spec = load_sweep_spec(yaml.safe_load(config_map["data"]["sweep.yaml"]), check=False)
     check_stores_for_cluster(spec.storage, load_cluster(spec.cluster), "http://head:8265")
+
+
+# -- clusters/ expose nothing without authentication, and hold no password --------------------------
+
+CONFIG_FILES = sorted(p for p in CLUSTERS.rglob("*") if p.is_file())
+
+
+def _documents(path: Path) -> list:
+    return list(yaml.safe_load_all(path.read_text())) if path.suffix == ".yaml" else []
+
+
+def _walk(node, found: list) -> list:
+    """Every mapping in a YAML document."""
+    if isinstance(node, dict):
+        found.append(node)
+        for value in node.values():
+            _walk(value, found)
+    elif isinstance(node, list):
+        for value in node:
+            _walk(value, found)
+    return found
+
+
+def exposed_without_authentication(path: Path) -> list[str]:
+    """What in a config binds the Ray dashboard or an MLflow server to every interface (0.0.0.0) with no
+    authentication in front: Ray's token (KubeRay's authOptions), MLflow's basic-auth."""
+    problems = []
+    for document in _documents(path):
+        mappings = _walk(document, [])
+        token = any((m.get("authOptions") or {}).get("mode") == "token" for m in mappings)
+        for mapping in mappings:
+            params = mapping.get("rayStartParams")
+            if isinstance(params, dict) and params.get("dashboard-host") == "0.0.0.0" and not token:
+                problems.append(f"{path.name}: dashboard-host 0.0.0.0 without authOptions.mode: token")
+        commands = [
+            c
+            for m in mappings
+            for key in ("head_start_ray_commands", "worker_start_ray_commands")
+            for c in (m.get(key) or [])
+        ]
+        for command in commands:
+            if "ray start" in command and re.search(r"--dashboard-host[ =]0\.0\.0\.0", command):
+                problems.append(f"{path.name}: `ray start` binds the dashboard to 0.0.0.0")
+            if "mlflow server" in command and "basic-auth" not in command:
+                problems.append(f"{path.name}: an `mlflow server` without authentication")
+            if re.search(r"mlflow server.*--host[ =]0\.0\.0\.0", command) and "basic-auth" not in command:
+                problems.append(f"{path.name}: `mlflow server --host 0.0.0.0` without basic-auth")
+    return problems
+
+
+SECRET_NAME = re.compile(r"PASSWORD|TOKEN|SECRET", re.IGNORECASE)
+
+
+def literal_passwords(path: Path) -> list[str]:
+    """Passwords written into a config: in a URL, an SQL `PASSWORD '...'`, a `--from-literal`, or a
+    Kubernetes env entry that is not a secretKeyRef."""
+    from orchestrator.spec.secrets import literal_password
+
+    text, problems = path.read_text(), []
+    for url in re.findall(r"[a-z][a-z0-9+.-]*://[^\s\"'`)]+", text):
+        if literal_password(url):
+            problems.append(f"{path.name}: a password in the URL {url}")
+    for value in re.findall(r"PASSWORD\s+'([^']*)'", text, flags=re.IGNORECASE):
+        if value != "%s":
+            problems.append(f"{path.name}: SQL PASSWORD '{value}'")
+    for key, value in re.findall(r"--from-literal=([\w.-]+)=(\S+)", text):
+        if SECRET_NAME.search(key) or key == "auth_token":
+            if not value.startswith('"$('):  # generated on the spot, e.g. "$(openssl rand -hex 24)"
+                problems.append(f"{path.name}: --from-literal={key} with a written value")
+    for document in _documents(path):
+        for mapping in _walk(document, []):
+            if "name" in mapping and SECRET_NAME.search(str(mapping["name"])) and "value" in mapping:
+                problems.append(f"{path.name}: env {mapping['name']} has a literal value")
+            if "secretKeyRef" in mapping:
+                assert mapping["secretKeyRef"].get("name"), path
+    return problems
+
+
+@pytest.mark.parametrize("path", CONFIG_FILES, ids=lambda p: str(p.relative_to(CLUSTERS)))
+def test_no_config_exposes_a_service_without_authentication_or_holds_a_password(path):
+    assert exposed_without_authentication(path) == []
+    assert literal_passwords(path) == []
+
+
+def test_the_checks_find_what_the_old_configs_had(tmp_path):
+    """The checks above fail on the configs this project shipped before (dashboard and MLflow on
+    0.0.0.0 with no authentication, the PostgreSQL password `dreamsweep` in SQL and in a URL)."""
+    old = tmp_path / "aws.yaml"
+    old.write_text(
+        yaml.safe_dump(
+            {
+                "head_setup_commands": [
+                    "sudo -u postgres psql -c \"CREATE ROLE dreamsweep LOGIN PASSWORD 'dreamsweep'\""
+                ],
+                "head_start_ray_commands": [
+                    "ray start --head --port=6379 --dashboard-host=0.0.0.0",
+                    "nohup mlflow server --host 0.0.0.0 --port 5000 "
+                    "--backend-store-uri postgresql://dreamsweep:dreamsweep@127.0.0.1/mlflow",
+                ],
+            }
+        )
+    )
+    assert len(exposed_without_authentication(old)) == 3
+    assert len(literal_passwords(old)) == 2
+    kuberay = tmp_path / "raycluster.yaml"
+    kuberay.write_text(
+        yaml.safe_dump(
+            {
+                "spec": {
+                    "headGroupSpec": {
+                        "rayStartParams": {"dashboard-host": "0.0.0.0"},
+                        "template": {
+                            "spec": {"containers": [{"env": [{"name": "PGPASSWORD", "value": "x"}]}]}
+                        },
+                    }
+                }
+            }
+        )
+    )
+    assert exposed_without_authentication(kuberay) and literal_passwords(kuberay)
+
+
+def test_the_cluster_secrets_are_generated_and_turn_on_rays_token():
+    from orchestrator.run.cluster_secrets import cluster_secrets
+
+    first, second = cluster_secrets(), cluster_secrets()
+    assert first["RAY_AUTH_MODE"] == "token"
+    for key in (
+        "RAY_AUTH_TOKEN",
+        "DREAMSWEEP_PG_PASSWORD",
+        "MLFLOW_TRACKING_PASSWORD",
+        "MLFLOW_FLASK_SERVER_SECRET_KEY",
+    ):
+        assert len(first[key]) >= 48 and first[key] != second[key], key
+    # What each launcher config sources: every key it uses is one the secret holds.
+    for name in ("aws", "gcp"):
+        text = (CLUSTERS / f"{name}.yaml").read_text()
+        used = set(re.findall(r"\$\{?([A-Z][A-Z0-9_]+)", text)) - {"RAY_HEAD_IP", "HEAD_IP"}
+        assert used <= set(first), used - set(first)
 
 
 def test_local_cluster_is_the_embedded_default():

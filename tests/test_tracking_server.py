@@ -2,6 +2,7 @@
 the SQLite store: runs, nested child runs, metrics with steps and artifacts uploaded through HTTP."""
 
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -15,6 +16,7 @@ import ray
 
 from orchestrator.run.sweep import submit
 from orchestrator.run.workspace import Workspace
+from orchestrator.spec.secrets import CredentialInURLWarning
 from orchestrator.track import tracking
 from orchestrator.track.report import compare
 
@@ -95,3 +97,54 @@ def test_sweep_tracked_by_an_mlflow_server(mlflow_server, tmp_path):
     assert rows[0]["run_id"] == run.info.run_id and json.loads(run.data.tags[tracking.TAG_PROMPTS]) == [
         "a red cube"
     ]
+
+
+def test_a_password_in_the_tracking_url_reaches_no_record(mlflow_server, tmp_path, capfd):
+    """A URL with an embedded password (this server ignores it) and a `${NAME}` reference: the sweep
+    runs, warns once, and no byte it left (workspace, Tune's state, the server's store and artifacts,
+    the console) holds the password or the reference's value."""
+    url, server_root = mlflow_server
+    secret = "hunter2-tracking-secret"
+    with_password = url.replace("http://", f"http://alice:{secret}@")
+    ws = Workspace(tmp_path / "ws")
+    os.environ["DREAMSWEEP_TEST_DB_DIR"] = str(tmp_path / "dbdir")  # resolved only where used
+    (tmp_path / "dbdir").mkdir()
+    spec = {
+        "name": "secret",
+        "kind": "fanout",
+        "base": {
+            "max_steps": 2,
+            "resolution": 32,
+            "geometry": {"encoding": {"n_levels": 4, "log2_hashmap_size": 12}},
+            "renderer": {"num_samples_per_ray": 8},
+            "logging": {"log_every": 1, "checkpoint_every": 1, "val_views": 1, "turntable_frames": 2},
+        },
+        "prompts": {"items": ["a red cube"]},
+        "objective": {"metric": "train/loss", "mode": "min"},
+        "resources": {"gpus": 1, "cpus": 1},
+        "storage": {"mlflow": with_password, "optuna": "sqlite:///${DREAMSWEEP_TEST_DB_DIR}/optuna.db"},
+    }
+    ray.init(num_cpus=2, num_gpus=1, include_dashboard=False, log_to_driver=False)
+    try:
+        with pytest.warns(CredentialInURLWarning, match="storage.mlflow: http://alice:\\*\\*\\*@"):
+            outcome = submit(spec, workspace=ws)
+        rows = compare("secret", ws)  # a later command, from the record
+    finally:
+        ray.shutdown()
+        for key in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "DREAMSWEEP_TEST_DB_DIR"):
+            os.environ.pop(key, None)
+    assert outcome.complete == 1 and len(rows) == 1
+    assert (tmp_path / "dbdir" / "optuna.db").is_file()  # the reference was used...
+    record = ws.record("secret")
+    assert record.stores.optuna_url.endswith("${DREAMSWEEP_TEST_DB_DIR}/optuna.db")  # ...never recorded
+    assert record.stores.mlflow_uri == url.replace("http://", "http://alice:***@")
+
+    printed = capfd.readouterr()
+    assert secret not in printed.out + printed.err
+    leaks = [
+        str(path)
+        for root in (ws.root, server_root)
+        for path in Path(root).rglob("*")
+        if path.is_file() and secret.encode() in path.read_bytes()
+    ]
+    assert leaks == []

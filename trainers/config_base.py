@@ -19,6 +19,9 @@ import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 C = TypeVar("C", bound="ConfigBase")
+# A config or sweep spec is a page of YAML; a bigger file is a mistake (or an attack on memory), refused
+# before it is parsed. Long prompt lists belong in a prompt file (prompts.path).
+MAX_YAML_BYTES = 2 * 2**20
 
 
 class ConfigError(ValueError):
@@ -182,8 +185,25 @@ def _model_at(model: type[BaseModel], dotted: str) -> type[BaseModel] | None:
     return node
 
 
+def check_no_nul(data: Any, path: str = "") -> None:
+    """No string of a config holds a NUL byte: file systems, databases and C libraries each cut or
+    refuse it differently, so it is refused here, naming the field."""
+    if isinstance(data, str):
+        if "\x00" in data:
+            raise ConfigError(f"{path or '(config)'}: the value holds a NUL byte ({data!r})")
+    elif isinstance(data, Mapping):
+        for key, value in data.items():
+            if isinstance(key, str) and "\x00" in key:
+                raise ConfigError(f"{path + '.' if path else ''}{key!r}: the key holds a NUL byte")
+            check_no_nul(value, f"{path}.{key}" if path else str(key))
+    elif isinstance(data, list | tuple):
+        for i, value in enumerate(data):
+            check_no_nul(value, f"{path}[{i}]")
+
+
 def build_config(model: type[C], data: Mapping[str, Any], where: str = "") -> C:
     """Validate a nested dict into `model`, with errors that name the dotted field path."""
+    check_no_nul(data)
     check_known_keys(model, data, where)
     try:
         return model.model_validate(dict(data))
@@ -226,6 +246,12 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.exists():
         raise ConfigError(f"config file {str(path)!r} does not exist")
+    size = path.stat().st_size
+    if size > MAX_YAML_BYTES:
+        raise ConfigError(
+            f"config file {str(path)!r} is {size / 2**20:.1f} MiB, over the {MAX_YAML_BYTES // 2**20} MiB a "
+            "config or sweep spec may be; put long prompt lists in a prompt file (prompts.path)"
+        )
     data = yaml.safe_load(path.read_text()) or {}
     if not isinstance(data, dict):
         raise ConfigError(f"config file {str(path)!r} must hold a mapping at the top level")

@@ -90,11 +90,19 @@ def connect(address: str, timeout_s: float = CONNECT_TIMEOUT_S):
         ) from None
     except requests.exceptions.RequestException as exc:
         raise ClusterError(
-            f"cannot reach the Ray cluster at {address} ({type(exc).__name__}); start the head with "
-            "`ray start --head --dashboard-host 0.0.0.0`, or forward its port: `ray dashboard CLUSTER.yaml`"
+            f"cannot reach the Ray cluster at {address} ({type(exc).__name__}); forward the head's dashboard "
+            "port: `ray dashboard CLUSTER.yaml` (the dashboard listens on the head's loopback; README: Clusters)"
         ) from None
+    from ray.exceptions import AuthenticationError
+
     try:
         return JobSubmissionClient(address)
+    except AuthenticationError as exc:
+        refused = str(exc).split("\n")[0]
+        raise ClusterError(
+            f"the Ray cluster at {address} asks for Ray's token ({refused}): set RAY_AUTH_MODE=token and "
+            "RAY_AUTH_TOKEN to the cluster's token (README: Clusters, Secrets, says where it lives)"
+        ) from None
     except (ConnectionError, RuntimeError) as exc:
         raise ClusterError(f"the Ray Jobs API at {address} refused the connection: {exc}") from None
 

@@ -18,6 +18,7 @@ from typing import Any
 from urllib.parse import urlparse
 
 from orchestrator.run.cluster import ClusterConfig
+from orchestrator.spec.secrets import check_no_literal_secrets, redact_url
 from orchestrator.spec.spec import SpecError, Storage
 
 CLOUD_SCHEMES = ("s3", "gs", "gcs", "abfs", "az")
@@ -55,10 +56,17 @@ def _host(url: str) -> str:
 def check_stores_for_cluster(storage: Storage, cluster: ClusterConfig, address: str) -> None:
     """Raise SpecError naming the field and the fix for a store that a cluster's writers cannot reach.
 
-    `storage` is the spec's; a store left unset would be a file in the head's workspace."""
+    `storage` is the spec's; a store left unset would be a file in the head's workspace. A URL with a
+    literal password is refused: it would travel in the job's upload, and the head holds the secret."""
+    check_no_literal_secrets(
+        storage,
+        ("optuna", "mlflow"),
+        "which would travel to the cluster in the job's upload; the driver on the head takes it from the "
+        "head's environment",
+    )
     mounts = cluster.shared_mounts
     hint_mounts = f"cluster.shared_mounts lists {mounts}" if mounts else "cluster.shared_mounts declares none"
-    tune = storage.tune
+    tune = redact_url(storage.tune)
     if tune is None:
         raise SpecError(
             "storage.tune: not set, so Tune's results would be a folder on the head, which workers on "
@@ -73,7 +81,7 @@ def check_stores_for_cluster(storage: Storage, cluster: ClusterConfig, address: 
                 f"mount that every node has ({hint_mounts}; add the mount there if it is one)"
             )
 
-    mlflow = storage.mlflow
+    mlflow = redact_url(storage.mlflow)
     if mlflow is None or urlparse(mlflow).scheme not in ("http", "https"):
         raise SpecError(
             f"storage.mlflow: {mlflow or 'not set (a SQLite file in the workspace)'!r} is not a tracking "
@@ -86,7 +94,7 @@ def check_stores_for_cluster(storage: Storage, cluster: ClusterConfig, address: 
             f"cluster at {address} means that node itself; use the server's cluster-wide host name"
         )
 
-    optuna = storage.optuna
+    optuna = redact_url(storage.optuna)
     if optuna is None:
         return  # SQLite in the head's workspace: the driver runs on the head
     scheme = urlparse(optuna).scheme.split("+")[0]

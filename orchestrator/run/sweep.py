@@ -22,6 +22,7 @@ from orchestrator.run.trainable import SweepContext
 from orchestrator.run.tuner import build_tuner, can_restore, experiment_path, optuna_storage, restore_tuner
 from orchestrator.run.workspace import SweepRecord, Workspace
 from orchestrator.spec.prompts import load_prompts
+from orchestrator.spec.secrets import register_credentials, usable_url
 from orchestrator.spec.space import optuna_space
 from orchestrator.spec.spec import (
     SweepSpec,
@@ -65,6 +66,8 @@ def submit(
     started = time.perf_counter()
     ws = workspace if isinstance(workspace, Workspace) else Workspace(workspace)
     spec = load_sweep_spec(spec_source, name=name)
+    register_credentials(spec.storage)  # a literal password: one warning; every record shows ***
+    check_references(spec)
     stores = ws.stores_for(spec)
     if ws.exists(spec.name) or can_restore(stores.tune_path, spec.name):
         if resume_existing:
@@ -73,7 +76,7 @@ def submit(
             f"a sweep named {spec.name!r} already exists in {ws.root}: `dreamsweep resume {spec.name}` "
             "continues it, `--name NEW` starts another (submitting again would overwrite its Ray state)"
         )
-    client = MlflowClient(stores.mlflow_uri)
+    client = MlflowClient(usable_url(stores.mlflow_uri, "storage.mlflow"))
     experiment_id = tracking.ensure_experiment(client, spec.name, stores.mlflow_artifacts)
     prompts = load_prompts(spec.prompts)
     space = optuna_space(spec, prompts.num_rows)
@@ -94,6 +97,14 @@ def resume(
     spec = ws.spec(name)
     restore = can_restore(record.stores.tune_path, name)
     return _run(spec, record, restore=restore, address=address, started=started, workspace=ws)
+
+
+def check_references(spec: SweepSpec) -> None:
+    """Every `${NAME}` in the spec's store URLs is set here (this machine runs the sweep): a missing one
+    fails now, naming the field and the variable, not when the first trial connects."""
+    for field, url in spec.storage.model_dump().items():
+        if url is not None:
+            usable_url(url, f"storage.{field}")
 
 
 def make_context(spec: SweepSpec, record: SweepRecord, prompts: list[str]) -> SweepContext:
@@ -146,7 +157,7 @@ def _run(
     steps_per_trial = panel * load_config(context.base, overrides).max_steps
 
     connect(spec, address)
-    client = MlflowClient(record.stores.mlflow_uri)
+    client = MlflowClient(usable_url(record.stores.mlflow_uri, "storage.mlflow"))
     tracking.reopen_run(client, record.parent_run_id)
     if spec.packed:
         return _run_packed(spec, record, context, steps_per_trial, started, workspace)
@@ -268,7 +279,7 @@ def conclude(spec: SweepSpec, record: SweepRecord, study, final_status: dict[str
     """The end of a sweep: child runs closed, the study's plots and the best trial on the parent run."""
     from optuna.trial import TrialState
 
-    client = MlflowClient(record.stores.mlflow_uri)
+    client = MlflowClient(usable_url(record.stores.mlflow_uri, "storage.mlflow"))
     tracking.close_stale_runs(client, record.experiment_id, final_status)
     tracking.log_study_plots(client, record.parent_run_id, study)
     complete = [t for t in study.get_trials(deepcopy=False) if t.state == TrialState.COMPLETE]

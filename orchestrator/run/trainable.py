@@ -121,8 +121,10 @@ def cached_client(uri: str):
     """One MlflowClient per worker process: opening a SQLite store checks its schema (seconds)."""
     import mlflow
 
-    if uri not in _CLIENTS:
-        _CLIENTS[uri] = mlflow.MlflowClient(uri)
+    from orchestrator.spec.secrets import usable_url
+
+    if uri not in _CLIENTS:  # `uri` as recorded: `${NAME}` and a *** password resolved in this worker
+        _CLIENTS[uri] = mlflow.MlflowClient(usable_url(uri, "storage.mlflow"))
     return _CLIENTS[uri]
 
 
@@ -454,7 +456,10 @@ def amortized_storage(context: SweepContext, tune_context, trial_dir: Path) -> s
     directory, which a driver restarted after kill -9 runs in a new session and never sees again.)"""
     if not context.tune_path:
         return str(trial_dir / "ray_train")
-    experiment = f"{context.tune_path.rstrip('/')}/{tune_context.get_experiment_name()}"
+    from orchestrator.spec.secrets import usable_url
+
+    tune_path = usable_url(context.tune_path, "storage.tune")
+    experiment = f"{tune_path.rstrip('/')}/{tune_context.get_experiment_name()}"
     return f"{experiment}/{trial_dir.name}/ray_train"
 
 
@@ -475,9 +480,7 @@ def amortized_trial_callback_class():
             rank0 = dict(metrics[0])
             step = int(rank0.get(STEP, 0))
             if self._run is None:  # resumed=True: steps already in MLflow (before a restart) are skipped
-                import mlflow
-
-                self._run = tracking.TrialRun(mlflow.MlflowClient(self.mlflow_uri), self.run_id, resumed=True)
+                self._run = tracking.TrialRun(cached_client(self.mlflow_uri), self.run_id, resumed=True)
             logged = {k: v for k, v in rank0.items() if k.startswith(("train/", "eval/")) and _is_number(v)}
             self._run.log_metrics(step, logged, force=True)
             if OBJECTIVE in rank0:

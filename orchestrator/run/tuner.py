@@ -50,6 +50,7 @@ from orchestrator.run.trainable import (
     run_amortized_trial,
     run_trial,
 )
+from orchestrator.spec.secrets import usable_url
 from orchestrator.spec.space import PROMPT_INDEX, make_sampler, optuna_space
 from orchestrator.spec.spec import SweepSpec
 
@@ -72,8 +73,42 @@ def _quiet_ray() -> None:
     logging.getLogger("ray.tune").setLevel(logging.WARNING)
 
 
+class SweepStorage(optuna.storages.RDBStorage):
+    """Optuna's RDBStorage, made from a sweep's recorded URL, that pickles (into Tune's tuner.pkl and
+    search state, through OptunaSearch) with that recorded URL, never with the one it connects with,
+    and connects again from it when unpickled (orchestrator.spec.secrets.usable_url)."""
+
+    def __init__(self, recorded_url: str):
+        self.recorded_url = recorded_url
+        usable = usable_url(recorded_url, "storage.optuna")
+        super().__init__(usable, engine_kwargs=engine_kwargs(usable))
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = super().__getstate__()
+        state["url"] = None  # made again from recorded_url by __setstate__
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        state["url"] = usable_url(state["recorded_url"], "storage.optuna")
+        super().__setstate__(state)
+
+
 def optuna_storage(url: str) -> optuna.storages.BaseStorage:
-    return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs(url))
+    """The study's storage from its recorded URL (`${NAME}` resolved, a `***` password taken from
+    PGPASSWORD or ~/.pgpass, postgresql:// given the installed driver: orchestrator.spec.secrets)."""
+    import sqlalchemy.exc
+
+    from orchestrator.spec.secrets import redact_url
+    from orchestrator.spec.spec import SpecError
+
+    try:
+        return SweepStorage(url)
+    except sqlalchemy.exc.OperationalError as exc:
+        reason = str(exc.orig).strip().splitlines()[-1] if exc.orig is not None else str(exc)
+        hint = ""
+        if "password" in reason:
+            hint = "; give the database's password in PGPASSWORD or ~/.pgpass (README: Clusters)"
+        raise SpecError(f"storage.optuna: cannot connect to {redact_url(url)}: {reason}{hint}") from None
 
 
 class SweepSearch(OptunaSearch):
@@ -323,7 +358,7 @@ def build_tuner(
         ),
         run_config=tune.RunConfig(
             name=spec.name,
-            storage_path=tune_path,
+            storage_path=usable_url(tune_path, "storage.tune"),
             failure_config=tune.FailureConfig(max_failures=spec.retries),
             checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
             callbacks=[*callbacks, ReconcileOnRestore(generator)],
@@ -333,7 +368,8 @@ def build_tuner(
 
 
 def experiment_path(tune_path: str, name: str) -> str:
-    return f"{tune_path.rstrip('/')}/{name}"
+    """The sweep's Tune experiment, from its recorded storage (a `${NAME}` in it resolved here)."""
+    return f"{usable_url(tune_path, 'storage.tune').rstrip('/')}/{name}"
 
 
 def can_restore(tune_path: str, name: str) -> bool:

@@ -9,7 +9,8 @@
 
 Each store can be pointed elsewhere by the spec's `storage` (PostgreSQL, an `mlflow server`, a shared
 file system or s3://); the record keeps what a sweep was started with, so `resume`, `status` and
-`compare` need only its name.
+`compare` need only its name. It keeps the URLs as written, `${NAME}` unresolved and any literal password
+as `***` (orchestrator.spec.secrets): each use resolves them with `usable_url`.
 """
 
 from __future__ import annotations
@@ -62,13 +63,13 @@ class Workspace:
     # -- stores --------------------------------------------------------------------------------------
 
     def stores_for(self, spec: SweepSpec) -> Stores:
-        storage = spec.storage
-        local_mlflow = storage.mlflow is None
+        storage = spec.storage.redacted()
+        local_mlflow = "mlflow" not in storage
         return Stores(
-            optuna_url=storage.optuna or f"sqlite:///{self.root / 'optuna.db'}",
-            mlflow_uri=storage.mlflow or f"sqlite:///{self.root / 'mlflow.db'}",
+            optuna_url=storage.get("optuna") or f"sqlite:///{self.root / 'optuna.db'}",
+            mlflow_uri=storage.get("mlflow") or f"sqlite:///{self.root / 'mlflow.db'}",
             mlflow_artifacts=(self.root / "mlartifacts").as_uri() if local_mlflow else None,
-            tune_path=storage.tune or str(self.root / "ray_results"),
+            tune_path=storage.get("tune") or str(self.root / "ray_results"),
         )
 
     # -- registry ------------------------------------------------------------------------------------

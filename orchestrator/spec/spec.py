@@ -182,11 +182,21 @@ class Asha(ConfigBase):
 
 
 class Storage(ConfigBase):
-    """Where the stores live; None: inside the workspace (SQLite files and a local directory)."""
+    """Where the stores live; None: inside the workspace (SQLite files and a local directory).
+
+    No URL needs a secret in it: each client takes its own from its standard place (PGPASSWORD or
+    ~/.pgpass, MLFLOW_TRACKING_USERNAME/PASSWORD, the cloud SDKs' credential chains), and `${NAME}`
+    is resolved from the environment where the store is used (orchestrator.spec.secrets). A URL with
+    a literal password still works on this machine, but every record shows it as `***`."""
 
     optuna: str | None = None  # an Optuna storage URL, e.g. postgresql://user@host/db
     mlflow: str | None = None  # an MLflow tracking URI, e.g. http://mlflow:5000
     tune: str | None = None  # a Tune storage path: a shared file system or s3://bucket/prefix
+
+    def redacted(self) -> dict[str, str]:
+        from orchestrator.spec.secrets import redact_url
+
+        return {k: redact_url(v) for k, v in self.model_dump().items() if v is not None}
 
 
 class SweepSpec(ConfigBase):
@@ -335,11 +345,15 @@ def _resolve_paths(spec: SweepSpec, root: Path) -> SweepSpec:
 def check_spec(spec: SweepSpec) -> None:
     """The checks that read files or the trainer's schema. Raises SpecError with the field path."""
     from orchestrator.spec.prompts import load_prompts
+    from orchestrator.spec.secrets import check_no_literal_secrets
     from orchestrator.spec.space import corner_params, resolve_params
     from trainers.config_base import valid_keys
 
     if isinstance(spec.base, str) and not Path(spec.base).is_file():
         raise SpecError(f"base: trainer config {spec.base!r} does not exist")
+    check_no_literal_secrets(
+        spec.storage, ["tune"], "and Tune's storage is written to by every worker with its own credentials"
+    )
     try:
         prompts = load_prompts(spec.prompts)
     except (OSError, ValueError) as exc:
@@ -364,6 +378,7 @@ def check_spec(spec: SweepSpec) -> None:
     for key in spec.overrides:
         if key.split(".")[0] in ("prompt", "prompts", "output_dir"):
             raise SpecError(f"overrides.{key}: set by the sweep itself (prompts come from `prompts`)")
+    _check_written_paths(spec)
 
     first_prompt = str(prompts.column("prompt")[0])
     base = base_config_dict(spec)
@@ -406,6 +421,30 @@ def check_spec(spec: SweepSpec) -> None:
         from orchestrator.spec.space import grid_values
 
         grid_values(spec)  # raises SpecError for parameters without a finite grid
+
+
+# Trainer keys naming a file or folder a trial writes to (besides its own folder, which the sweep sets).
+WRITTEN_PATH_KEYS = ("text_cache.path", "prior.cache_dir")
+
+
+def _check_written_paths(spec: SweepSpec) -> None:
+    """A trial writes only in its own folder and the caches: a written path in the spec's overrides or
+    search space that climbs out with `..` is refused (a cache goes where it is named, absolutely)."""
+    from trainers.config_base import flatten
+
+    candidates = [(f"overrides.{k}", v) for k, v in flatten(spec.overrides).items()]
+    for key, param in spec.search.space.items():
+        for choice in getattr(param, "choices", []):
+            candidates.append((f"search.space.{key}", choice))
+    for field, value in candidates:
+        key = (
+            field.split(".", 1)[1] if field.startswith("overrides.") else field.removeprefix("search.space.")
+        )
+        if key in WRITTEN_PATH_KEYS and isinstance(value, str) and ".." in Path(value).parts:
+            raise SpecError(
+                f"{field}: {value!r} climbs out of its folder with '..'; give the cache an absolute path "
+                "(e.g. on a mount every node has)"
+            )
 
 
 def trainer_functions(trainer: str):
@@ -465,7 +504,11 @@ def base_config_dict(spec: SweepSpec) -> dict[str, Any]:
 
 
 def spec_to_dict(spec: SweepSpec) -> dict[str, Any]:
-    return spec.model_dump(mode="json", exclude_none=True)
+    """The spec as a record (the workspace's spec.yaml, MLflow's spec.json, a Ray Job's upload): its
+    store URLs as written, `${NAME}` references unresolved and any literal password shown as `***`."""
+    data = spec.model_dump(mode="json", exclude_none=True)
+    data["storage"] = spec.storage.redacted()
+    return data
 
 
 def save_spec(spec: SweepSpec, path: str | Path) -> None:

@@ -10,11 +10,17 @@ not (orchestrator/internals.py has the evidence). So a fresh browser can only be
 itself: this app (MLflow's documented `mlflow.app` plugin interface, as its own `basic-auth` app uses)
 adds one line to MLflow's index page that stores "Model training" as the browser's choice where it has
 none yet. A choice the user made later, with the switch, is kept.
+
+MLflow's server takes one `--app-name`, so its `basic-auth` app would replace this one. With
+DREAMSWEEP_MLFLOW_AUTH=basic-auth this app is MLflow's basic-auth app as well (the same Flask app,
+passed through MLflow's own `mlflow.server.auth.create_app`; it needs `pip install "mlflow[auth]"`):
+the launcher configs in clusters/ start their tracking server that way.
 """
 
 from __future__ import annotations
 
 import json
+import os
 
 from flask import Flask, Response, request
 from mlflow.server import app as mlflow_flask_app
@@ -46,8 +52,20 @@ def open_on_runs(response: Response) -> Response:
     return response
 
 
+AUTH_ENV = "DREAMSWEEP_MLFLOW_AUTH"
+
+
 def create_app(app: Flask = mlflow_flask_app):
     """The entry point `mlflow.app: dreamsweep` (pyproject.toml); MLflow's server calls it once per worker."""
     if open_on_runs not in app.after_request_funcs.get(None, []):
         app.after_request(open_on_runs)
+    auth = os.environ.get(AUTH_ENV, "")
+    if auth == "basic-auth":
+        # MLflow's basic-auth app on the same Flask app: every request needs a user (its admin comes from
+        # MLFLOW_AUTH_ADMIN_USERNAME/PASSWORD at the first start), and the index page keeps this default.
+        from mlflow.server.auth import create_app as basic_auth_app
+
+        return basic_auth_app(app)
+    if auth:
+        raise ValueError(f"{AUTH_ENV}={auth!r}: the one authentication this app adds is 'basic-auth'")
     return internals.mlflow_server_app(app)

@@ -339,7 +339,9 @@ class SweepProgress(tune.Callback):
         if self._client is None:
             from mlflow.tracking import MlflowClient
 
-            self._client = MlflowClient(self.mlflow_uri)
+            from orchestrator.spec.secrets import usable_url
+
+            self._client = MlflowClient(usable_url(self.mlflow_uri, "storage.mlflow"))
         return self._client
 
     def _in_background(self, fn, *args) -> None:

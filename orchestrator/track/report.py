@@ -28,9 +28,17 @@ from orchestrator.errors import ReportError
 from orchestrator.run.trainable import OBJECTIVE, OPTUNA_TRIAL_KEY, STEP
 from orchestrator.run.tuner import can_restore, experiment_path, optuna_storage
 from orchestrator.run.workspace import Workspace
+from orchestrator.spec.secrets import usable_url
 from orchestrator.spec.spec import base_config_dict
 from orchestrator.track import tracking
 from orchestrator.track.progress import trial_params
+
+
+def mlflow_client(uri: str):
+    """A client for a sweep's recorded tracking URI (its `${NAME}` and `***` resolved here)."""
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(usable_url(uri, "storage.mlflow"))
 
 
 def status(name: str, workspace: Workspace) -> list[dict[str, Any]]:
@@ -112,13 +120,12 @@ def _status_from_study(name: str, record) -> list[dict[str, Any]]:
 
 
 def compare(name: str, workspace: Workspace, top: int | None = None) -> list[dict[str, Any]]:
-    from mlflow.tracking import MlflowClient
 
     record = workspace.record(name)
     spec = workspace.spec(name)
     if record.experiment_id is None:  # registered, but never started
         return []
-    client = MlflowClient(record.stores.mlflow_uri)
+    client = mlflow_client(record.stores.mlflow_uri)
     rows = []
     for run in tracking.trial_runs(client, record.experiment_id):
         tags = run.data.tags
@@ -156,10 +163,9 @@ def compare(name: str, workspace: Workspace, top: int | None = None) -> list[dic
 
 def sweep_metric(name: str, workspace: Workspace, key: str) -> float | None:
     """A metric of the sweep's parent run (e.g. a fan-out's eval/clip_r_at_1), None if not logged."""
-    from mlflow.tracking import MlflowClient
 
     record = workspace.record(name)
-    return MlflowClient(record.stores.mlflow_uri).get_run(record.parent_run_id).data.metrics.get(key)
+    return mlflow_client(record.stores.mlflow_uri).get_run(record.parent_run_id).data.metrics.get(key)
 
 
 def best_config_yaml(name: str, workspace: Workspace) -> str:
@@ -380,10 +386,9 @@ def load_study(name: str, workspace: Workspace):
 
 def sweep_report(name: str, workspace: Workspace, top: int = 3) -> SweepReport:
     """Everything the page shows of one sweep; works on a sweep that is still running."""
-    from mlflow.tracking import MlflowClient
 
     record, spec = workspace.record(name), workspace.spec(name)
-    client = MlflowClient(record.stores.mlflow_uri)
+    client = mlflow_client(record.stores.mlflow_uri)
     rows = compare(name, workspace)
     finished = finished_rows(rows)
     notes = []
@@ -456,23 +461,19 @@ def write_report(
     reports = [sweep_report(name, workspace, top=top) for name in names]
     joint = []
     if comparison is not None:
-        from mlflow.tracking import MlflowClient
-
         by_name = {r.name: r for r in reports}
         for i, row in enumerate(comparison["top"]):  # the joint top-K's renders, side by side
             sweep = by_name[row["sweep"]]
-            joint.append(trial_view(MlflowClient(sweep.mlflow_uri), row, f"#{i + 1}", sweep.kind))
+            joint.append(trial_view(mlflow_client(sweep.mlflow_uri), row, f"#{i + 1}", sweep.kind))
     html = page.render(reports, top=top, comparison=comparison, joint=joint)
     out.mkdir(parents=True, exist_ok=True)
     index = out / "index.html"
     index.write_text(html, encoding="utf-8")
     if log_to_mlflow:
-        from mlflow.tracking import MlflowClient
-
         artifact = "report" if comparison is None else "report/compare"
         for report in reports:
             if report.parent_run_id:
-                MlflowClient(report.mlflow_uri).log_artifact(report.parent_run_id, str(index), artifact)
+                mlflow_client(report.mlflow_uri).log_artifact(report.parent_run_id, str(index), artifact)
     return index
 
 

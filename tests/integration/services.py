@@ -35,16 +35,31 @@ class Postgres:
     data: Path
     bin: Path
 
-    def url(self, database: str) -> str:
-        return f"postgresql+psycopg2://postgres@127.0.0.1:{self.port}/{database}"
+    def url(self, database: str, user: str = "postgres") -> str:
+        # The plain scheme, as the README writes it (dreamsweep picks the driver: orchestrator.spec.secrets).
+        return f"postgresql://{user}@127.0.0.1:{self.port}/{database}"
 
-    def create_database(self, name: str) -> str:
+    def psql(self, sql: str) -> None:
+        """Run `sql` as the superuser, given on stdin (a password in it never appears in a process list)."""
         subprocess.run(
             [str(self.bin / "psql"), "-h", "127.0.0.1", "-p", str(self.port), "-U", "postgres", "-q",
-             "-c", f"CREATE DATABASE {name}"],
+             "-v", "ON_ERROR_STOP=1"],
+            input=sql, text=True, check=True, capture_output=True, timeout=60,
+        )  # fmt: skip
+
+    def create_database(self, name: str, owner: str = "postgres") -> str:
+        self.psql(f"CREATE DATABASE {name} OWNER {owner}")
+        return self.url(name, owner)
+
+    def create_role_with_password(self, name: str, password: str) -> None:
+        """A role that must give its password (SCRAM) over TCP; the others keep the test cluster's trust."""
+        self.psql(f"CREATE ROLE {name} LOGIN PASSWORD '{password}'")
+        hba = self.data / "pg_hba.conf"
+        hba.write_text(f"host all {name} 127.0.0.1/32 scram-sha-256\n" + hba.read_text())
+        subprocess.run(
+            _as_postgres([str(self.bin / "pg_ctl"), "-D", str(self.data), "reload"]),
             check=True, capture_output=True, timeout=60,
         )  # fmt: skip
-        return self.url(name)
 
     def stop(self) -> None:
         subprocess.run(
@@ -95,11 +110,15 @@ class MlflowServer:
         shutil.rmtree(self.root, ignore_errors=True)
 
 
-def start_mlflow_server(port: int, backend: str) -> MlflowServer:
+def start_mlflow_server(
+    port: int, backend: str, env: dict[str, str] | None = None, app: str | None = None
+) -> MlflowServer:
     """`mlflow server` with `backend` as its store and a local artifact root served through it.
 
     --allowed-hosts: MLflow 3.5+ answers only Host headers it allows (DNS-rebinding protection);
-    workers on other nodes reach the server by the head's address, which must be listed."""
+    workers on other nodes reach the server by the head's address, which must be listed. `env`: the
+    server's own (its database password, its basic-auth settings); `app`: its --app-name. It runs in
+    its folder (where MLflow's basic-auth keeps its user store)."""
     root = Path(tempfile.mkdtemp(prefix="ds-mlflow-"))
     command = [
         sys.executable, "-m", "mlflow", "server",
@@ -107,9 +126,13 @@ def start_mlflow_server(port: int, backend: str) -> MlflowServer:
         "--artifacts-destination", str(root / "artifacts"),
         "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
         "--allowed-hosts", f"127.0.0.1:{port},localhost:{port}",
+        *(["--app-name", app] if app else []),
     ]  # fmt: skip
     log = open(root / "server.log", "w")
-    process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    process = subprocess.Popen(
+        command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=root,
+        env={**os.environ, **(env or {})},
+    )  # fmt: skip
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 180  # schema migrations on PostgreSQL take a while on a busy machine
     while True:

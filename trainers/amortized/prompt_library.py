@@ -41,6 +41,11 @@ from trainers.config_base import ConfigBase
 log = logging.getLogger(__name__)
 
 SPLITS = ("train", "val", "test")
+# Bounds that keep a bad prompt source from exhausting memory (every source is read whole). A prompt is
+# read by a text encoder of 77 tokens (CLIP) or fewer, so 2,000 characters is far past any useful one;
+# 256 MiB holds millions of useful prompts.
+MAX_PROMPT_CHARS = 2_000
+MAX_SOURCE_BYTES = 256 * 2**20
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -127,6 +132,7 @@ def _read_source(source: PromptSource) -> pa.Array:
         path = Path(source.path)
         if not path.is_file():
             raise ValueError(f"prompts.path: {str(path)!r} does not exist")
+        _check_source_size(path)
         suffix = path.suffix.lower()
         if suffix == ".json":
             prompts = pa.array(_read_library(path, source.split), pa.string())
@@ -144,7 +150,40 @@ def _read_source(source: PromptSource) -> pa.Array:
     if pc.any(blank).as_py():
         positions = np.flatnonzero(blank.to_numpy(zero_copy_only=False))[:10].tolist()
         raise ValueError(f"prompts: empty prompt at position(s) {positions} of {_describe(source)}")
+    too_long = pc.greater(pc.utf8_length(prompts.fill_null("")), MAX_PROMPT_CHARS)
+    if pc.any(too_long).as_py():
+        positions = np.flatnonzero(too_long.to_numpy(zero_copy_only=False))[:10].tolist()
+        raise ValueError(
+            f"prompts: prompt(s) at position(s) {positions} of {_describe(source)} are longer than "
+            f"{MAX_PROMPT_CHARS:,} characters (a text encoder reads 77 tokens); shorten them"
+        )
+    nul = pc.match_substring(prompts.fill_null(""), "\x00")
+    if pc.any(nul).as_py():
+        positions = np.flatnonzero(nul.to_numpy(zero_copy_only=False))[:10].tolist()
+        raise ValueError(
+            f"prompts: prompt(s) at position(s) {positions} of {_describe(source)} hold a NUL byte"
+        )
     return prompts
+
+
+def _check_source_size(path: Path) -> None:
+    """Refuse a prompt file too large to read whole, before reading it (for Parquet, by the size its
+    metadata says it has uncompressed: a compressed file can be small and expand to gigabytes)."""
+    size = path.stat().st_size
+    if path.suffix.lower() == ".parquet":
+        try:
+            metadata = pa_parquet.ParquetFile(path).metadata
+            size = max(
+                size, sum(metadata.row_group(i).total_byte_size for i in range(metadata.num_row_groups))
+            )
+        except (OSError, pa.ArrowException) as exc:
+            raise ValueError(f"prompts.path: {str(path)!r} is not a readable Parquet file ({exc})") from None
+    if size > MAX_SOURCE_BYTES:
+        raise ValueError(
+            f"prompts.path: {str(path)!r} is {size / 2**20:,.0f} MiB, over the {MAX_SOURCE_BYTES // 2**20} MiB "
+            f"a prompt source may hold (prompts of at most {MAX_PROMPT_CHARS:,} characters); split it, or "
+            "select fewer prompts into a file of their own"
+        )
 
 
 def _read_library(path: Path, split: str) -> list[str]:
