@@ -15,6 +15,7 @@ whose state is checkpointed with the others', so a resumed run ends where an uni
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import time
@@ -181,6 +182,22 @@ def evaluation_prompts(config: AmortizedConfig, prompts: list[str]) -> dict[str,
     trained = set(prompts)
     held_out = [p for p in dict.fromkeys(held_out) if p not in trained]
     return {"train": prompts[: config.eval_prompts.n_train], "held_out": held_out}
+
+
+EVALUATION_PROMPTS_FILE = "evaluation_prompts.json"  # in output_dir: which prompts the grids' rows are
+TURNTABLES_DIR = "turntables"  # in output_dir: one turntable per evaluation prompt, and prompts.json
+
+
+def shown_prompts(config: AmortizedConfig, prompts: list[str]) -> dict[str, list[str]]:
+    """The evaluation prompts the validation grids and turntables show, by group (the first training
+    prompt when `eval_prompts.n_train` is 0, so that a run always shows something it trained on)."""
+    groups = evaluation_prompts(config, prompts)
+    return {"train": groups["train"] or prompts[:1], "held_out": groups["held_out"]}
+
+
+def prompt_slug(prompt: str, limit: int = 60) -> str:
+    """A file name's worth of a prompt: lower-case letters and digits, '_' between words."""
+    return "".join(c if c.isalnum() else "_" for c in prompt.lower())[:limit].strip("_") or "prompt"
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -469,8 +486,8 @@ class AmortizedTrainer:
         """One row per evaluation prompt (training prompts, then held-out ones), views across."""
         import imageio.v3 as iio
 
-        groups = evaluation_prompts(self.config, self.prompts)
-        prompts = (groups["train"] or self.prompts[:1]) + groups["held_out"]
+        groups = shown_prompts(self.config, self.prompts)
+        prompts = groups["train"] + groups["held_out"]
         cameras = self.validation_cameras()
         rgb = self.render_prompts(prompts, cameras)["rgb"]
         rows = list(rgb.reshape(len(prompts), len(cameras), *rgb.shape[1:]))
@@ -485,6 +502,21 @@ class AmortizedTrainer:
             self.config.logging.turntable_frames, cam.eval_elevation, cam.eval_distance, cam.eval_fovy
         )
         return save_turntable(path, self.render_prompts([prompt], cameras)["rgb"])
+
+    def save_evaluation_turntables(self, folder: Path) -> list[Path]:
+        """One turntable per evaluation prompt, `<group>_<NN>_<prompt>.<format>`, and `prompts.json`
+        ([{file, prompt, group}], group "train" or "held_out") that names them: what a person compares
+        between generators is what each makes of the same prompts, trained on and not."""
+        fmt = self.config.logging.turntable_format
+        entries = [
+            {"file": f"{group}_{i:02d}_{prompt_slug(prompt)}.{fmt}", "prompt": prompt, "group": group}
+            for group, prompts in shown_prompts(self.config, self.prompts).items()
+            for i, prompt in enumerate(prompts)
+        ]
+        paths = [self.save_turntable(folder / e["file"], e["prompt"]) for e in entries]
+        index = folder / "prompts.json"
+        index.write_text(json.dumps(entries, indent=1) + "\n")
+        return [*paths, index]
 
     def evaluate(self) -> dict[str, float]:
         """Ground-truth metrics averaged over the training and the held-out evaluation prompts (scene
@@ -572,6 +604,9 @@ def train(
     trainer = AmortizedTrainer(
         config, prior, rank=rank, world_size=world_size, device=device, progress=progress
     )
+    if main:  # which grid row is a training prompt and which a held-out one, from the first grid on
+        groups = shown_prompts(config, trainer.prompts)
+        (output_dir / EVALUATION_PROMPTS_FILE).write_text(json.dumps(groups, indent=1) + "\n")
     if resume_from == "latest":
         resume_from = latest_checkpoint(checkpoint_dir)
     if resume_from is not None:
@@ -656,6 +691,8 @@ def train(
                     output_dir / f"turntable.{log_cfg.turntable_format}", trainer.prompts[0]
                 )
             )
+            for path in trainer.save_evaluation_turntables(output_dir / TURNTABLES_DIR):
+                emit_artifact(path)
             (output_dir / "metrics.yaml").write_text(
                 yaml.safe_dump({k: v for k, v in final.items() if math.isfinite(v)}, sort_keys=True)
             )
