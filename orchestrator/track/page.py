@@ -23,7 +23,7 @@ from collections.abc import Callable
 from typing import Any
 
 from orchestrator.track.progress import format_duration, format_params
-from orchestrator.track.report import LIVE_FRESH_S, Media, SweepReport, TrialView
+from orchestrator.track.report_data import LIVE_FRESH_S, Media, SweepReport, TrialView
 from orchestrator.track.tracking import import_plotting
 
 CSS = """

@@ -18,7 +18,6 @@ import math
 import statistics
 import tempfile
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +30,7 @@ from orchestrator.run.workspace import Workspace
 from orchestrator.spec.spec import base_config_dict
 from orchestrator.track import tracking
 from orchestrator.track.progress import trial_params
+from orchestrator.track.report_data import LIVE_FRESH_S, Media, SweepReport, TrialView
 
 
 def status(name: str, workspace: Workspace) -> list[dict[str, Any]]:
@@ -55,9 +55,6 @@ def status(name: str, workspace: Workspace) -> list[dict[str, Any]]:
             )
         return sorted(rows, key=lambda r: (r["trial"] is None, r["trial"]))
     return _status_from_study(name, record)
-
-
-LIVE_FRESH_S = 30.0  # a progress file older than this, of a sweep not finished: its driver stopped
 
 
 def live_progress(name: str, workspace: Workspace) -> dict[str, Any] | None:
@@ -268,40 +265,6 @@ def validate_top(top: int | None) -> int | None:
 
 # ---------------------------------------------------------------------------------------------------
 # The report's data (orchestrator.track.page draws it)
-
-
-@dataclass
-class Media:
-    """An image file's bytes, to embed in the page as a data URI."""
-
-    mime: str
-    data: bytes
-    caption: str = ""
-
-
-@dataclass
-class TrialView:
-    row: dict[str, Any]  # as `compare` gives it
-    role: str  # "best", "#2", ..., "worst", or the prompt for a fan-out grid
-    metrics: dict[str, float] = field(default_factory=dict)  # final metrics per prompt label
-    turntables: list[Media | None] = field(default_factory=list)  # one per prompt of the trial
-    validation: list[list[Media]] = field(default_factory=list)  # per prompt: grids over steps
-
-
-@dataclass
-class SweepReport:
-    name: str
-    kind: str
-    objective: dict[str, str]
-    rows: list[dict[str, Any]]  # every trial, best first
-    summary: dict[str, Any]
-    shown: list[TrialView]  # top-K, then the worst for contrast
-    fanout: list[TrialView]  # a fan-out: every finished prompt
-    study: Any  # the Optuna study (for the plots), None if it cannot be loaded
-    notes: list[str]
-    parent_run_id: str | None
-    mlflow_uri: str
-    live: dict[str, Any] | None = None
 
 
 SHOWN_METRICS = ("eval/", "clip")  # ground-truth and CLIP metrics: what a trial's renders are judged by
