@@ -20,6 +20,9 @@ class Media:
     caption: str = ""
 
 
+HELD_OUT, TRAIN = "held_out", "train"  # an amortized trial's evaluation prompts: never trained on, or trained
+
+
 @dataclass
 class TrialView:
     row: dict[str, Any]  # as `compare` gives it
@@ -27,12 +30,24 @@ class TrialView:
     metrics: dict[str, float] = field(default_factory=dict)  # final metrics per prompt label
     turntables: list[Media | None] = field(default_factory=list)  # one per prompt of the trial
     validation: list[list[Media]] = field(default_factory=list)  # per prompt: grids over steps
+    # The prompts the rows show, when they are not the trial's own (`row["prompts"]`): an amortized
+    # trial's evaluation prompts, each with its group (TRAIN or HELD_OUT).
+    prompts: list[str] | None = None
+    groups: list[str] | None = None
+
+    def prompt(self, i: int) -> str:
+        prompts = self.prompts if self.prompts is not None else self.row.get("prompts") or []
+        return prompts[i] if i < len(prompts) else ""
+
+    def group(self, i: int) -> str | None:
+        return self.groups[i] if self.groups is not None and i < len(self.groups) else None
 
 
 @dataclass
 class SweepReport:
     name: str
     kind: str
+    trainer: str  # "per-prompt" or "amortized"
     objective: dict[str, str]
     rows: list[dict[str, Any]]  # every trial, best first
     summary: dict[str, Any]
