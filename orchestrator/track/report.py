@@ -128,7 +128,7 @@ def compare(name: str, workspace: Workspace, top: int | None = None) -> list[dic
         tags = run.data.tags
         number = tags.get(tracking.TAG_OPTUNA_TRIAL)
         params = json.loads(tags.get(tracking.TAG_PARAMS) or "{}")
-        prompts = json.loads(tags.get(tracking.TAG_PROMPTS) or "[]")
+        prompts = prompts_tag(tags.get(tracking.TAG_PROMPTS))
         objective = run.data.metrics.get(OBJECTIVE)
         rows.append(
             {
@@ -139,7 +139,11 @@ def compare(name: str, workspace: Workspace, top: int | None = None) -> list[dic
                 "objective": objective,
                 "prompts": prompts,
                 # How many prompts the trial trains: the prompts tag keeps only those that fit in a tag.
-                "prompt_count": int(tags.get(tracking.TAG_PROMPT_COUNT) or len(prompts)),
+                "prompt_count": int(
+                    tags.get(tracking.TAG_PROMPT_COUNT)
+                    or run.data.params.get("prompts.count")
+                    or len(prompts)
+                ),
                 "trainer": spec.trainer,
                 "ray_trial_id": tags.get(tracking.TAG_RAY_TRIAL),
                 # A fan-out's R@1 (its prompt's images among the finished prompts), logged at the sweep's end.
@@ -169,6 +173,19 @@ HELD_OUT_PREFIX = "eval/held_out/"
 def held_out_columns(rows: list[dict[str, Any]]) -> list[str]:
     """The `eval/held_out/*` metrics any of the rows holds (an amortized sweep's), sorted."""
     return sorted({k for row in rows for k in row if k.startswith(HELD_OUT_PREFIX)})
+
+
+def prompts_tag(text: str | None) -> list[str]:
+    """The prompts tag as a list. Runs written before it was kept valid JSON hold a list cut at the tag's
+    length limit ('...' after a cut string): the prompts before the cut."""
+    try:
+        return json.loads(text or "[]")
+    except ValueError:
+        head = (text or "")[: (text or "").rfind('", "') + 1]
+        try:
+            return json.loads(head + "]") if head else []
+        except ValueError:
+            return []
 
 
 def sweep_metric(name: str, workspace: Workspace, key: str) -> float | None:
