@@ -198,7 +198,6 @@ def sweep_metric(name: str, workspace: Workspace, key: str) -> float | None:
 
 def best_config_yaml(name: str, workspace: Workspace) -> str:
     """The best trial's resolved trainer config (YAML). Raises LookupError if no trial has finished."""
-    from orchestrator.spec.spec import sweep_keys, trainer_functions
     from trainers.config import config_to_dict
 
     spec = workspace.spec(name)
@@ -210,20 +209,34 @@ def best_config_yaml(name: str, workspace: Workspace) -> str:
             f"sweep {name!r} has no finished trial with an objective yet (dreamsweep status {name})"
         )
     best = finished[0]
-    overrides = {
-        **spec.overrides,
-        **best["params"],
-        **sweep_keys(spec, best["prompts"][0]),
-        "output_dir": f"outputs/{name}-best",
-    }
-    _, load_config, _ = trainer_functions(spec.trainer)
-    config = load_config(base_config_dict(spec), overrides)
+    config = trial_config(name, workspace, best, output_dir=f"outputs/{name}-best")
+    how = (
+        f"one generator trained on {best['prompt_count']} prompts"
+        if spec.trainer == "amortized"
+        else f"{spec.objective.aggregate} over {len(best['prompts'])} prompt(s)"
+    )
     header = (
         f"# Best trial of sweep {name!r}: Optuna trial {best['trial']}, MLflow run {best['run_id']},\n"
-        f"# {spec.objective.metric} ({spec.objective.aggregate} over {len(best['prompts'])} prompt(s)) = {best['objective']:.6g}.\n"
+        f"# {spec.objective.metric} ({how}) = {best['objective']:.6g}.\n"
         f"# Train it: dreamsweep train THIS_FILE\n"
     )
     return header + yaml.safe_dump(config_to_dict(config), sort_keys=False)
+
+
+def trial_config(name: str, workspace: Workspace, row: dict[str, Any], output_dir: str):
+    """A trial's full trainer config (its sweep's base and overrides, its params), as `compare` gave the
+    row: what `dreamsweep best` writes for the best trial, and what reruns a trial with another seed."""
+    from orchestrator.spec.spec import sweep_keys, trainer_functions
+
+    spec = workspace.spec(name)
+    overrides = {
+        **spec.overrides,
+        **row["params"],
+        **sweep_keys(spec, row["prompts"][0] if row["prompts"] else ""),
+        "output_dir": output_dir,
+    }
+    _, load_config, _ = trainer_functions(spec.trainer)
+    return load_config(base_config_dict(spec), overrides)
 
 
 # ---------------------------------------------------------------------------------------------------
