@@ -213,9 +213,25 @@ def side_by_side(views: list[TrialView], objective: dict[str, str], sweep_column
     legend = (
         '<p class="meta">Highlighted params differ from the best trial\'s. '
         f"{_esc(objective['metric'])}: {'higher' if objective['mode'] == 'max' else 'lower'} is better "
-        f"({_esc(objective['aggregate'])} over each trial's prompts).</p>"
+        f"({_how_scored(views, objective)}).</p>"
     )
     return f'<table class="side">{"".join(rows)}</table>{legend}'
+
+
+def _amortized(view: TrialView) -> bool:
+    return view.row.get("trainer") == "amortized"
+
+
+def _how_scored(views: list[TrialView], objective: dict[str, str]) -> str:
+    per_prompt = f"{_esc(objective['aggregate'])} over each trial's prompts"
+    amortized = "an amortized trial's generator, on its evaluation prompts"
+    kinds = {_amortized(v) for v in views}
+    return " or ".join(text for flag, text in ((False, per_prompt), (True, amortized)) if flag in kinds)
+
+
+def _aggregated(rep: SweepReport) -> str:
+    """How a trial's objective is one number: over its prompts, or (amortized) its generator's own."""
+    return "" if rep.trainer == "amortized" else f", {_esc(rep.objective['aggregate'])} over the prompts"
 
 
 def _label(view: TrialView, i: int) -> str:
@@ -300,7 +316,7 @@ def sweep_section(rep: SweepReport, top: int) -> str:
     parts = [
         f"<h2>Sweep {_esc(rep.name)}</h2>",
         f'<p class="meta">{_esc(rep.kind)} · {_esc(rep.trainer)} · objective {_esc(rep.objective["metric"])} '
-        f"({_esc(rep.objective['mode'])}, {_esc(rep.objective['aggregate'])} over the prompts) · "
+        f"({_esc(rep.objective['mode'])}{_aggregated(rep)}) · "
         f"{len(rep.rows)} trials: {_esc(states)} · best {_num(s.get('best'))}, median {_num(s.get('median'))}"
         f" · parent run {_esc(rep.parent_run_id)}</p>",
         _live_html(rep),
