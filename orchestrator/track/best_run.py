@@ -9,6 +9,7 @@ storage, where Ray Train persisted it (`<storage.tune>/NAME/<trial dir>/ray_trai
 
 from __future__ import annotations
 
+import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -79,6 +80,7 @@ def _from_mlflow(workspace: Workspace, name: str, row: dict[str, Any]) -> Path |
     if not steps:
         return None
     local = Path(tempfile.mkdtemp(prefix="dreamsweep-checkpoint-"))
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # the command prints its own line
     return Path(client.download_artifacts(row["run_id"], steps[-1], str(local)))
 
 
