@@ -2,6 +2,7 @@
 
 dreamsweep train CONFIG [key=value ...] [--resume DIR]      per-prompt, or amortized (`trainer: amortized`)
 dreamsweep generate RUN_DIR "a prompt" [--output FILE]     an amortized run's turntable for any prompt
+dreamsweep generate --sweep NAME "a prompt"                the same with an amortized sweep's best trial
 dreamsweep submit SPEC [--name NAME] [--workspace DIR] [--resume] [--address URL]
 dreamsweep resume NAME [--address URL]
 dreamsweep status NAME [--address URL]
@@ -30,7 +31,6 @@ STATUS_COLUMNS = ["trial", "state", "params", "step", "total", "it_s", "eta", "o
 JOB_COLUMNS = ["sweep", "job", "action", "status", "started", "ended", "message"]
 COMPARE_COLUMNS = ["trial", "run_id", "state", "params", "objective", "prompts"]
 SUMMARY_COLUMNS = ["sweep", "objective", "mode", "trials", "finished", "best", "q1", "median", "q3", "worst"]
-JOINT_COLUMNS = ["sweep", *COMPARE_COLUMNS]
 
 
 def _workspace_arg(parser: argparse.ArgumentParser) -> None:
@@ -67,9 +67,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     p = sub.add_parser("generate", help="render an amortized run's generator for any prompt (one forward)")
-    p.add_argument("run_dir", help="an amortized run's output_dir (config.yaml, checkpoints/)")
+    p.add_argument(
+        "run_dir",
+        nargs="?",
+        help="an amortized run's output_dir (config.yaml, checkpoints/); not with --sweep",
+    )
     p.add_argument("prompt", help="the text; prompts never trained on are fine")
+    p.add_argument(
+        "--sweep",
+        default=None,
+        metavar="NAME",
+        help="an amortized sweep: its best finished trial's last checkpoint, from MLflow or the sweep's storage",
+    )
     p.add_argument("--output", default=None, metavar="FILE", help="default: RUN_DIR/generated/<prompt>.gif")
+    _workspace_arg(p)
     p.add_argument("--frames", type=int, default=None, help="turntable frames (default: the run's)")
 
     p = sub.add_parser("submit", help="validate a sweep spec and run it on Ray")
@@ -208,7 +219,21 @@ def _train_amortized(args) -> int:
 def cmd_generate(args) -> int:
     from trainers.amortized.generate import generate
 
-    result = generate(args.run_dir, args.prompt, args.output, frames=args.frames)
+    run_dir = args.run_dir
+    if (run_dir is None) == (args.sweep is None):
+        raise ConfigError(
+            "generate takes either RUN_DIR or --sweep NAME before the prompt: dreamsweep generate "
+            'outputs/amortized "a prompt", or dreamsweep generate --sweep NAME "a prompt"'
+        )
+    if args.sweep is not None:
+        from orchestrator.run.workspace import Workspace
+        from orchestrator.track.best_run import best_amortized_run
+
+        run_dir, best = best_amortized_run(args.sweep, Workspace(args.workspace))
+        print(
+            f"sweep {args.sweep}: best trial {best['trial']} ({best['objective']:.6g}), MLflow run {best['run_id']}"
+        )
+    result = generate(run_dir, args.prompt, args.output, frames=args.frames)
     print(
         f"{result.path}: generator forward {result.forward_s * 1000:.1f} ms (text encoder included), "
         f"{len(result.frames)} frames rendered in {result.render_s:.2f} s"
@@ -329,14 +354,22 @@ def cmd_compare(args) -> int:
     import json
 
     from orchestrator.run.workspace import Workspace
-    from orchestrator.track.report import compare, compare_sweeps, format_rows, sweep_metric, validate_top
+    from orchestrator.track.report import (
+        compare,
+        compare_sweeps,
+        format_rows,
+        held_out_columns,
+        sweep_metric,
+        validate_top,
+    )
 
     workspace, top = Workspace(args.workspace), validate_top(args.top)
     if len(args.names) == 1:
         name = args.names[0]
         rows = compare(name, workspace, top=top)
         with_recall = any(row.get("clip_r_at_1") is not None for row in rows)
-        print(format_rows(rows, COMPARE_COLUMNS + ["clip_r_at_1"] * with_recall, args.format))
+        columns = compare_columns(rows) + ["clip_r_at_1"] * with_recall + held_out_columns(rows)
+        print(format_rows(rows, columns, args.format))
         recall = sweep_metric(name, workspace, "eval/clip_r_at_1") if args.format == "table" else None
         if recall is not None:
             print(f"CLIP R@1 over the sweep's finished prompts: {recall:.4f}")
@@ -348,8 +381,21 @@ def cmd_compare(args) -> int:
     # table and csv: the per-sweep summary, a blank line, then the joint top-K
     print(format_rows(result["sweeps"], SUMMARY_COLUMNS, args.format).rstrip("\n"))
     print()
-    print(format_rows(result["top"], JOINT_COLUMNS, args.format))
+    print(
+        format_rows(
+            result["top"],
+            ["sweep", *compare_columns(result["top"])] + held_out_columns(result["top"]),
+            args.format,
+        )
+    )
     return 0
+
+
+def compare_columns(rows: list[dict]) -> list[str]:
+    """The trial table's columns: an amortized trial's prompts are its library, so its count stands in."""
+    if any(row.get("trainer") == "amortized" for row in rows):
+        return [c if c != "prompts" else "prompt_count" for c in COMPARE_COLUMNS]
+    return COMPARE_COLUMNS
 
 
 def cmd_report(args) -> int:

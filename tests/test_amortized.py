@@ -277,6 +277,30 @@ def test_training_writes_metrics_grids_turntable_and_resumes_bit_for_bit(tmp_pat
         assert torch.equal(value, b["model"][key]), key
 
 
+def test_clip_scores_the_test_split_with_r_at_1_among_its_prompts(tmp_path, tiny_sd_prior, tiny_clip_dir):
+    from trainers.amortized.loop import reported_metrics
+    from trainers.config_base import ConfigError
+
+    library = tmp_path / "library.json"  # as DF415's: the test split is (here: part of) the training prompts
+    library.write_text(
+        json.dumps({"train": TINY["prompts"]["items"], "test": ["a red cube", "a green cone"]})
+    )
+    clip = {"evaluation.clip": str(tiny_clip_dir), "evaluation.views": 3, "eval_prompts.test_split": "test"}
+    config = tiny(tmp_path, prompts={"path": str(library)}, max_steps=2, **clip)
+    expected = {"eval/test/clip_similarity", "eval/test/clip_r_at_1", "eval/held_out/clip_similarity"}
+    assert expected | {"eval/clip_similarity", "eval/clip_r_at_1"} <= reported_metrics(config)
+    seen = []
+    result = train(config, tiny_sd_prior, progress=False, on_metrics=lambda step, m: seen.append(m))
+    final = result.final_metrics
+    assert -1 <= final["eval/test/clip_similarity"] <= 1 and -1 <= final["eval/held_out/clip_similarity"] <= 1
+    # R@1 over the split's 2 prompts: each of the 3 views of each prompt counts, so a multiple of 1/6
+    assert final["eval/test/clip_r_at_1"] * 6 == pytest.approx(round(final["eval/test/clip_r_at_1"] * 6))
+    assert "eval/held_out/clip_r_at_1" not in final  # one held-out prompt: R@1 is undefined
+    assert any("eval/test/clip_similarity" in m for m in seen)  # reported, as the sweep's objective is
+    with pytest.raises(ConfigError, match="eval_prompts.test_split='test' scores a split"):
+        tiny(tmp_path, **{"eval_prompts.test_split": "test"})  # inline prompts, no CLIP model
+
+
 def test_occupancy_grid_rendering_is_refused_for_a_generator(tmp_path):
     from trainers.config_base import ConfigError
 

@@ -209,3 +209,18 @@ def test_the_shipped_stable_diffusion_specs_optimise_clip_similarity():
         spec = load_sweep_spec(SWEEPS / f"{name}.yaml")
         assert (spec.objective.metric, spec.objective.mode) == ("eval/clip_similarity", "max")
         assert spec.base["evaluation"]["clip"] == "openai/clip-vit-large-patch14"
+
+
+def test_the_df415_spec_is_the_papers_amortized_3dconv_setting_scored_by_clip_on_the_test_split():
+    from orchestrator.spec.spec import base_config_dict, sweep_keys, trainer_functions
+    from trainers.amortized.loop import reported_metrics, test_prompts
+
+    spec = load_sweep_spec(SWEEPS / "df415-3dconv.yaml")
+    assert spec.trainer == "amortized" and spec.resources.gpus == 1  # per data-parallel worker
+    assert (spec.objective.metric, spec.objective.mode) == ("eval/test/clip_similarity", "max")
+    _, load_config, _ = trainer_functions("amortized")
+    config = load_config(base_config_dict(spec), sweep_keys(spec, ""))
+    assert config.prior.name == "stabilityai/stable-diffusion-2-1-base" and config.generator.kind == "conv3d"
+    assert config.data_parallel.num_workers > 1 and config.evaluation.clip == "openai/clip-vit-large-patch14"
+    assert "eval/test/clip_r_at_1" in reported_metrics(config)  # R@1 over the test prompts, at the end
+    assert len(test_prompts(config)) == 415

@@ -105,3 +105,17 @@ def test_best_so_far_is_a_metric_history_on_the_parent(store):
     history = client.get_metric_history(parent, "best/objective")
     assert [(m.step, m.value) for m in history] == [(1, 0.5), (2, 0.25)]
     assert client.get_run(parent).data.tags["best.trial"] == "1"
+
+
+def test_the_prompts_tag_of_a_100k_prompt_trial_is_valid_json_under_the_tag_limit():
+    import json
+
+    from orchestrator.track.report import prompts_tag
+
+    prompts = [f"a prompt number {i}" for i in range(100_000)]
+    tag = tracking.json_list_tag(prompts)
+    kept = json.loads(tag)
+    assert len(tag) <= tracking.MAX_TAG and kept == prompts[: len(kept)] and len(kept) > 100
+    # what runs logged before (a list cut mid-string, '...' after it) reads as the prompts before the cut
+    cut = json.dumps(prompts)[: tracking.MAX_TAG - 3] + "..."
+    assert prompts_tag(cut) == prompts[: len(prompts_tag(cut))] and len(prompts_tag(cut)) > 100

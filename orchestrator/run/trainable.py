@@ -397,7 +397,7 @@ def run_amortized_trial(config: dict[str, Any], context: SweepContext) -> None:
     params_logged = tracking.flatten_for_params(config_to_dict(cfg))
     params_logged["prompts.count"] = len(context.prompts)
     run = tracking.TrialRun.open(client, identity, params_logged, found=found)
-    callback = AmortizedTrialCallback(context.mlflow_uri, run.run_id, context.objective_metric)
+    callback = AmortizedTrialCallback(context.mlflow_uri, run.run_id, context.objective_metric, output_dir)
     try:
         trainer = build_trainer(
             cfg,
@@ -417,11 +417,7 @@ def run_amortized_trial(config: dict[str, Any], context: SweepContext) -> None:
         resumed_at = int(final.get("train/resumed_at_step", 0))
         if resumed_at:  # as a per-prompt trial does: where a restarted trial continued from
             run.log_metrics(resumed_at, {"trial/resumed_at_step": float(resumed_at)}, force=True)
-        for name in ("config.yaml", "metrics.yaml", f"turntable.{cfg.logging.turntable_format}"):
-            if (output_dir / name).exists():
-                run.log_artifact(output_dir / name, "renders" if name.startswith("turntable") else None)
-        if (output_dir / "validation").is_dir():
-            run.log_artifact(output_dir / "validation", "validation")
+        log_amortized_outputs(run, output_dir, cfg.logging.turntable_format)
         run.finish("FINISHED")
         held = {k: v for k, v in (result.metrics or {}).items() if k.startswith("worker/")}
         tune.report({OBJECTIVE: value, STEP: cfg.max_steps, "workers": cfg.data_parallel.num_workers, **held})
@@ -432,6 +428,52 @@ def run_amortized_trial(config: dict[str, Any], context: SweepContext) -> None:
         run.set_tags({"dreamsweep.error": traceback.format_exc()[-4000:]})
         run.finish("FAILED")
         raise
+
+
+# What an amortized trial's MLflow run holds (the per-prompt layout, `prompt_NNN/...`, is unchanged):
+#   config.yaml, metrics.yaml, evaluation_prompts.json ({"train": [...], "held_out": [...]})
+#   renders/turntable.<fmt>                  the first training prompt (as `dreamsweep train` writes it)
+#   renders/turntables/<group>_<NN>_<prompt>.<fmt> and prompts.json   one per evaluation prompt
+#   validation/step_NNNNNNN.png and .txt     one row per evaluation prompt; the .txt names the rows;
+#                                            also images over steps (key "validation")
+#   checkpoint/step_NNNNNNN/                 the last checkpoint (`dreamsweep generate --sweep` reads it)
+
+
+def log_new_grids(run: tracking.TrialRun, folder: Path, logged: set[str]) -> None:
+    """Validation grids not yet in the run: each file with its row labels, and as an image at its step.
+    A grid counts as written once its .txt exists (the trainer writes the PNG first)."""
+    for png in sorted(folder.glob("step_*.png")) if folder.is_dir() else []:
+        labels = png.with_suffix(".txt")
+        if png.name in logged or not labels.is_file():
+            continue
+        run.log_artifact(png, "validation")
+        run.log_artifact(labels, "validation")
+        run.log_image(png, "validation", int(png.stem.removeprefix("step_")))
+        logged.add(png.name)
+
+
+def logged_grids(run: tracking.TrialRun) -> set[str]:
+    """The validation grids a run already holds (a restarted trial does not log them twice)."""
+    files = run.client.list_artifacts(run.run_id, "validation")
+    return {Path(f.path).name for f in files if f.path.endswith(".png")}
+
+
+def log_amortized_outputs(run: tracking.TrialRun, output_dir: Path, turntable_format: str) -> None:
+    """A finished amortized trial's files, in the layout above."""
+    from trainers.amortized.loop import EVALUATION_PROMPTS_FILE, TURNTABLES_DIR
+    from trainers.checkpoint import latest_checkpoint
+
+    for name in ("config.yaml", "metrics.yaml", EVALUATION_PROMPTS_FILE):
+        if (output_dir / name).exists():
+            run.log_artifact(output_dir / name)
+    if (output_dir / f"turntable.{turntable_format}").exists():
+        run.log_artifact(output_dir / f"turntable.{turntable_format}", "renders")
+    if (output_dir / TURNTABLES_DIR).is_dir():
+        run.log_artifact(output_dir / TURNTABLES_DIR, "renders/turntables")
+    log_new_grids(run, output_dir / "validation", logged_grids(run))
+    checkpoint = latest_checkpoint(output_dir / "checkpoints")
+    if checkpoint is not None:
+        run.log_artifact(checkpoint, f"checkpoint/{checkpoint.name}")
 
 
 def trial_identity(
@@ -471,10 +513,12 @@ def amortized_trial_callback_class():
         """Runs in the Ray Train controller: rank 0's reports -> the trial's MLflow run, and -> Tune
         once they carry the objective (the searcher and ASHA need it in every result)."""
 
-        def __init__(self, mlflow_uri: str, run_id: str, objective_metric: str):
+        def __init__(self, mlflow_uri: str, run_id: str, objective_metric: str, output_dir: Path):
             super().__init__()
             self.mlflow_uri, self.run_id, self.objective_metric = mlflow_uri, run_id, objective_metric
+            self.output_dir = Path(output_dir)
             self._run = None
+            self._grids: set[str] | None = None
 
         def after_report(self, run_context, metrics, checkpoint):
             rank0 = dict(metrics[0])
@@ -483,14 +527,19 @@ def amortized_trial_callback_class():
                 self._run = tracking.TrialRun(cached_client(self.mlflow_uri), self.run_id, resumed=True)
             logged = {k: v for k, v in rank0.items() if k.startswith(("train/", "eval/")) and _is_number(v)}
             self._run.log_metrics(step, logged, force=True)
+            # Rank 0's validation grids so far, so that a running trial shows them (on this node's disk:
+            # the trial's output_dir; a rank 0 on another node leaves them to the end of the trial).
+            if self._grids is None:
+                self._grids = logged_grids(self._run)
+            log_new_grids(self._run, self.output_dir / "validation", self._grids)
             if OBJECTIVE in rank0:
                 super().after_report(run_context, [rank0], checkpoint)
 
     return _Callback
 
 
-def AmortizedTrialCallback(mlflow_uri: str, run_id: str, objective_metric: str):  # noqa: N802 (a factory)
-    return amortized_trial_callback_class()(mlflow_uri, run_id, objective_metric)
+def AmortizedTrialCallback(mlflow_uri: str, run_id: str, objective_metric: str, output_dir: Path):  # noqa: N802 (a factory)
+    return amortized_trial_callback_class()(mlflow_uri, run_id, objective_metric, output_dir)
 
 
 def _is_number(value: Any) -> bool:

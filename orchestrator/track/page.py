@@ -23,7 +23,7 @@ from collections.abc import Callable
 from typing import Any
 
 from orchestrator.track.progress import format_duration, format_params
-from orchestrator.track.report import LIVE_FRESH_S, Media, SweepReport, TrialView
+from orchestrator.track.report_data import HELD_OUT, LIVE_FRESH_S, TRAIN, Media, SweepReport, TrialView
 from orchestrator.track.tracking import import_plotting
 
 CSS = """
@@ -46,6 +46,8 @@ img.grid { height: 64px; image-rendering: pixelated; }
 .plots img { max-width: 560px; border: 1px solid #eee; }
 .bar { background: #4c8bf5; height: 10px; display: inline-block; vertical-align: middle; }
 .caption { font-size: 12px; color: #555; max-width: 170px; margin: 2px auto; }
+.held-out { background: #eef3ff; } .held-out-mark, .train-mark { font-size: 11px; font-weight: 600; padding: 0 4px; border-radius: 3px; }
+.held-out-mark { background: #3d6fd8; color: #fff; } .train-mark { background: #ddd; color: #333; }
 """
 
 
@@ -171,23 +173,30 @@ def side_by_side(views: list[TrialView], objective: dict[str, str], sweep_column
     rows = ["".join(head) + "</tr>"]
     n_prompts = max(len(v.turntables) for v in views)
     for i in range(n_prompts):
-        prompt = _prompt(best, i)
+        prompt = _label(best, i)
         cells = []
         for v in views:
             media = v.turntables[i] if i < len(v.turntables) else None
-            caption = f'<div class="caption">{_esc(_prompt(v, i))}</div>' if _prompt(v, i) != prompt else ""
-            cells.append(f"<td>{_img(media, 'render', 'turntable')}{caption}</td>")
-        rows.append(f"<tr><th>turntable<br>{_esc(prompt)}</th>{''.join(cells)}</tr>")
+            differs = _label(v, i) != prompt
+            caption = f'<div class="caption">{_esc(_label(v, i))}</div>' if differs else ""
+            alt = f"turntable: {_label(v, i)}"
+            cells.append(f"<td{_group_class(v, i)}>{_img(media, 'render', alt)}{caption}</td>")
+        rows.append(
+            f"<tr><th{_group_class(best, i)}>turntable<br>{_prompt_html(best, i)}</th>{''.join(cells)}</tr>"
+        )
     for i in range(n_prompts):
         cells = []
         for v in views:
             grids = v.validation[i] if i < len(v.validation) else []
+            alt = f"validation: {_label(v, i)}"
             strip = "".join(
-                f"<figure>{_img(m, 'grid', m.caption)}<figcaption>{_esc(m.caption)}</figcaption></figure>"
+                f"<figure>{_img(m, 'grid', f'{alt}, {m.caption}')}<figcaption>{_esc(m.caption)}</figcaption></figure>"
                 for m in grids
             )
-            cells.append(f'<td><div class="strip">{strip or "(none logged)"}</div></td>')
-        rows.append(f"<tr><th>validation over steps<br>{_esc(_prompt(best, i))}</th>{''.join(cells)}</tr>")
+            cells.append(f'<td{_group_class(v, i)}><div class="strip">{strip or "(none logged)"}</div></td>')
+        rows.append(
+            f"<tr><th{_group_class(best, i)}>validation over steps<br>{_prompt_html(best, i)}</th>{''.join(cells)}</tr>"
+        )
     keys = list(dict.fromkeys(k for v in views for k in v.row.get("params", {})))
     for key in keys:
         reference = best.row["params"].get(key)
@@ -204,14 +213,43 @@ def side_by_side(views: list[TrialView], objective: dict[str, str], sweep_column
     legend = (
         '<p class="meta">Highlighted params differ from the best trial\'s. '
         f"{_esc(objective['metric'])}: {'higher' if objective['mode'] == 'max' else 'lower'} is better "
-        f"({_esc(objective['aggregate'])} over each trial's prompts).</p>"
+        f"({_how_scored(views, objective)}).</p>"
     )
     return f'<table class="side">{"".join(rows)}</table>{legend}'
 
 
-def _prompt(view: TrialView, i: int) -> str:
-    prompts = view.row.get("prompts") or []
-    return prompts[i] if i < len(prompts) else ""
+def _amortized(view: TrialView) -> bool:
+    return view.row.get("trainer") == "amortized"
+
+
+def _how_scored(views: list[TrialView], objective: dict[str, str]) -> str:
+    per_prompt = f"{_esc(objective['aggregate'])} over each trial's prompts"
+    amortized = "an amortized trial's generator, on its evaluation prompts"
+    kinds = {_amortized(v) for v in views}
+    return " or ".join(text for flag, text in ((False, per_prompt), (True, amortized)) if flag in kinds)
+
+
+def _aggregated(rep: SweepReport) -> str:
+    """How a trial's objective is one number: over its prompts, or (amortized) its generator's own."""
+    return "" if rep.trainer == "amortized" else f", {_esc(rep.objective['aggregate'])} over the prompts"
+
+
+def _label(view: TrialView, i: int) -> str:
+    """Row i's prompt, with "held-out: " before a prompt the trial's generator never trained on."""
+    prompt = view.prompt(i)
+    return f"held-out: {prompt}" if view.group(i) == HELD_OUT else prompt
+
+
+def _prompt_html(view: TrialView, i: int) -> str:
+    if view.group(i) == HELD_OUT:
+        return f'<span class="held-out-mark">held-out</span> {_esc(view.prompt(i))}'
+    if view.group(i) == TRAIN:
+        return f'<span class="train-mark">trained on</span> {_esc(view.prompt(i))}'
+    return _esc(view.prompt(i))
+
+
+def _group_class(view: TrialView, i: int) -> str:
+    return ' class="held-out"' if view.group(i) == HELD_OUT else ""
 
 
 def fanout_grid(views: list[TrialView], objective: dict[str, str]) -> str:
@@ -277,8 +315,8 @@ def sweep_section(rep: SweepReport, top: int) -> str:
     states = ", ".join(f"{n} {state.lower()}" for state, n in sorted(counts.items())) or "no trial yet"
     parts = [
         f"<h2>Sweep {_esc(rep.name)}</h2>",
-        f'<p class="meta">{_esc(rep.kind)} · objective {_esc(rep.objective["metric"])} '
-        f"({_esc(rep.objective['mode'])}, {_esc(rep.objective['aggregate'])} over the prompts) · "
+        f'<p class="meta">{_esc(rep.kind)} · {_esc(rep.trainer)} · objective {_esc(rep.objective["metric"])} '
+        f"({_esc(rep.objective['mode'])}{_aggregated(rep)}) · "
         f"{len(rep.rows)} trials: {_esc(states)} · best {_num(s.get('best'))}, median {_num(s.get('median'))}"
         f" · parent run {_esc(rep.parent_run_id)}</p>",
         _live_html(rep),
@@ -308,9 +346,18 @@ def comparison_section(reports: list[SweepReport], comparison: dict[str, Any], j
         cells += [f"<td class='num'>{s['finished']}</td>"]
         cells += [f"<td class='num'>{_num(s[k])}</td>" for k in ["best", "q1", "median", "q3", "worst"]]
         rows.append(f"<tr>{''.join(cells)}</tr>")
+    trainers = sorted({rep.trainer for rep in reports})
+    mixed = (
+        '<p class="note">These sweeps mix per-prompt and amortized trials: a per-prompt trial\'s rows are '
+        "its panel's prompts, an amortized trial's are its generator's evaluation prompts (held-out ones "
+        "marked); a cell whose prompt is not the row's names its own.</p>"
+        if len(trainers) > 1
+        else ""
+    )
     return "\n".join(
         [
             f"<h2>{len(reports)} sweeps compared on {_esc(objective['metric'])} ({_esc(objective['mode'])})</h2>",
+            mixed,
             f"<table>{''.join(rows)}</table>",
             _plots_html(comparison_plots(reports)),
             f"<h3>Joint top {len(joint)} across the sweeps</h3>",

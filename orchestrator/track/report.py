@@ -18,7 +18,6 @@ import math
 import statistics
 import tempfile
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +31,14 @@ from orchestrator.spec.secrets import usable_url
 from orchestrator.spec.spec import base_config_dict
 from orchestrator.track import tracking
 from orchestrator.track.progress import trial_params
+from orchestrator.track.report_data import (
+    HELD_OUT,
+    LIVE_FRESH_S,
+    TRAIN,
+    Media,
+    SweepReport,
+    TrialView,
+)
 
 
 def mlflow_client(uri: str):
@@ -63,9 +70,6 @@ def status(name: str, workspace: Workspace) -> list[dict[str, Any]]:
             )
         return sorted(rows, key=lambda r: (r["trial"] is None, r["trial"]))
     return _status_from_study(name, record)
-
-
-LIVE_FRESH_S = 30.0  # a progress file older than this, of a sweep not finished: its driver stopped
 
 
 def live_progress(name: str, workspace: Workspace) -> dict[str, Any] | None:
@@ -131,7 +135,7 @@ def compare(name: str, workspace: Workspace, top: int | None = None) -> list[dic
         tags = run.data.tags
         number = tags.get(tracking.TAG_OPTUNA_TRIAL)
         params = json.loads(tags.get(tracking.TAG_PARAMS) or "{}")
-        prompts = json.loads(tags.get(tracking.TAG_PROMPTS) or "[]")
+        prompts = prompts_tag(tags.get(tracking.TAG_PROMPTS))
         objective = run.data.metrics.get(OBJECTIVE)
         rows.append(
             {
@@ -141,9 +145,18 @@ def compare(name: str, workspace: Workspace, top: int | None = None) -> list[dic
                 "params": params,
                 "objective": objective,
                 "prompts": prompts,
+                # How many prompts the trial trains: the prompts tag keeps only those that fit in a tag.
+                "prompt_count": int(
+                    tags.get(tracking.TAG_PROMPT_COUNT)
+                    or run.data.params.get("prompts.count")
+                    or len(prompts)
+                ),
+                "trainer": spec.trainer,
                 "ray_trial_id": tags.get(tracking.TAG_RAY_TRIAL),
                 # A fan-out's R@1 (its prompt's images among the finished prompts), logged at the sweep's end.
                 "clip_r_at_1": run.data.metrics.get("eval/clip_r_at_1"),
+                # An amortized trial's ground truth (or CLIP) on prompts it never trained on.
+                **{k: v for k, v in run.data.metrics.items() if k.startswith(HELD_OUT_PREFIX)},
             }
         )
     sign = 1 if spec.objective.mode == "min" else -1
@@ -161,6 +174,27 @@ def compare(name: str, workspace: Workspace, top: int | None = None) -> list[dic
     return rows[:top] if top else rows
 
 
+HELD_OUT_PREFIX = "eval/held_out/"
+
+
+def held_out_columns(rows: list[dict[str, Any]]) -> list[str]:
+    """The `eval/held_out/*` metrics any of the rows holds (an amortized sweep's), sorted."""
+    return sorted({k for row in rows for k in row if k.startswith(HELD_OUT_PREFIX)})
+
+
+def prompts_tag(text: str | None) -> list[str]:
+    """The prompts tag as a list. Runs written before it was kept valid JSON hold a list cut at the tag's
+    length limit ('...' after a cut string): the prompts before the cut."""
+    try:
+        return json.loads(text or "[]")
+    except ValueError:
+        head = (text or "")[: (text or "").rfind('", "') + 1]
+        try:
+            return json.loads(head + "]") if head else []
+        except ValueError:
+            return []
+
+
 def sweep_metric(name: str, workspace: Workspace, key: str) -> float | None:
     """A metric of the sweep's parent run (e.g. a fan-out's eval/clip_r_at_1), None if not logged."""
 
@@ -170,7 +204,6 @@ def sweep_metric(name: str, workspace: Workspace, key: str) -> float | None:
 
 def best_config_yaml(name: str, workspace: Workspace) -> str:
     """The best trial's resolved trainer config (YAML). Raises LookupError if no trial has finished."""
-    from orchestrator.spec.spec import sweep_keys, trainer_functions
     from trainers.config import config_to_dict
 
     spec = workspace.spec(name)
@@ -182,20 +215,34 @@ def best_config_yaml(name: str, workspace: Workspace) -> str:
             f"sweep {name!r} has no finished trial with an objective yet (dreamsweep status {name})"
         )
     best = finished[0]
-    overrides = {
-        **spec.overrides,
-        **best["params"],
-        **sweep_keys(spec, best["prompts"][0]),
-        "output_dir": f"outputs/{name}-best",
-    }
-    _, load_config, _ = trainer_functions(spec.trainer)
-    config = load_config(base_config_dict(spec), overrides)
+    config = trial_config(name, workspace, best, output_dir=f"outputs/{name}-best")
+    how = (
+        f"one generator trained on {best['prompt_count']} prompts"
+        if spec.trainer == "amortized"
+        else f"{spec.objective.aggregate} over {len(best['prompts'])} prompt(s)"
+    )
     header = (
         f"# Best trial of sweep {name!r}: Optuna trial {best['trial']}, MLflow run {best['run_id']},\n"
-        f"# {spec.objective.metric} ({spec.objective.aggregate} over {len(best['prompts'])} prompt(s)) = {best['objective']:.6g}.\n"
+        f"# {spec.objective.metric} ({how}) = {best['objective']:.6g}.\n"
         f"# Train it: dreamsweep train THIS_FILE\n"
     )
     return header + yaml.safe_dump(config_to_dict(config), sort_keys=False)
+
+
+def trial_config(name: str, workspace: Workspace, row: dict[str, Any], output_dir: str):
+    """A trial's full trainer config (its sweep's base and overrides, its params), as `compare` gave the
+    row: what `dreamsweep best` writes for the best trial, and what reruns a trial with another seed."""
+    from orchestrator.spec.spec import sweep_keys, trainer_functions
+
+    spec = workspace.spec(name)
+    overrides = {
+        **spec.overrides,
+        **row["params"],
+        **sweep_keys(spec, row["prompts"][0] if row["prompts"] else ""),
+        "output_dir": output_dir,
+    }
+    _, load_config, _ = trainer_functions(spec.trainer)
+    return load_config(base_config_dict(spec), overrides)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -276,40 +323,6 @@ def validate_top(top: int | None) -> int | None:
 # The report's data (orchestrator.track.page draws it)
 
 
-@dataclass
-class Media:
-    """An image file's bytes, to embed in the page as a data URI."""
-
-    mime: str
-    data: bytes
-    caption: str = ""
-
-
-@dataclass
-class TrialView:
-    row: dict[str, Any]  # as `compare` gives it
-    role: str  # "best", "#2", ..., "worst", or the prompt for a fan-out grid
-    metrics: dict[str, float] = field(default_factory=dict)  # final metrics per prompt label
-    turntables: list[Media | None] = field(default_factory=list)  # one per prompt of the trial
-    validation: list[list[Media]] = field(default_factory=list)  # per prompt: grids over steps
-
-
-@dataclass
-class SweepReport:
-    name: str
-    kind: str
-    objective: dict[str, str]
-    rows: list[dict[str, Any]]  # every trial, best first
-    summary: dict[str, Any]
-    shown: list[TrialView]  # top-K, then the worst for contrast
-    fanout: list[TrialView]  # a fan-out: every finished prompt
-    study: Any  # the Optuna study (for the plots), None if it cannot be loaded
-    notes: list[str]
-    parent_run_id: str | None
-    mlflow_uri: str
-    live: dict[str, Any] | None = None
-
-
 SHOWN_METRICS = ("eval/", "clip")  # ground-truth and CLIP metrics: what a trial's renders are judged by
 IMAGE_MIME = {".gif": "image/gif", ".png": "image/png", ".jpg": "image/jpeg", ".webp": "image/webp"}
 
@@ -338,22 +351,28 @@ def _read_artifact(client, run, path: str, caption: str = "") -> Media | None:
     mime = IMAGE_MIME.get(Path(path).suffix.lower())
     if mime is None:
         return None
+    data = _read_bytes(client, run, path)
+    return Media(mime, data, caption) if data is not None else None
+
+
+def _read_bytes(client, run, path: str) -> bytes | None:
+    """An artifact's bytes; None when it is not there (yet) or not readable (a partial upload)."""
     try:
         root = run.info.artifact_uri
         if root.startswith("file:"):  # the workspace's own store: read in place, no copy
             from urllib.parse import unquote, urlparse
 
-            return Media(mime, (Path(unquote(urlparse(root).path)) / path).read_bytes(), caption)
+            return (Path(unquote(urlparse(root).path)) / path).read_bytes()
         with tempfile.TemporaryDirectory() as tmp:
-            return Media(
-                mime, Path(client.download_artifacts(run.info.run_id, path, tmp)).read_bytes(), caption
-            )
-    except Exception:  # noqa: BLE001  listed but not readable (a partial upload): leave it out
+            return Path(client.download_artifacts(run.info.run_id, path, tmp)).read_bytes()
+    except Exception:  # noqa: BLE001  leave it out
         return None
 
 
 def trial_view(client, row: dict[str, Any], role: str, kind: str) -> TrialView:
     """A trial's renders from its run's artifacts: per prompt, the turntable and validation grids."""
+    if row.get("trainer") == "amortized":
+        return amortized_view(client, row, role)
     run = client.get_run(row["run_id"])
     view = TrialView(row=row, role=role, metrics=_final_metrics(run, row["prompts"]))
     prefixes = [""] if kind == "fanout" or len(row["prompts"]) <= 1 else None
@@ -366,12 +385,95 @@ def trial_view(client, row: dict[str, Any], role: str, kind: str) -> TrialView:
         view.turntables.append(_read_artifact(client, run, turntable) if turntable else None)
         grids = []
         for path in _artifact_files(client, row["run_id"], prefix + "validation"):
-            step = Path(path).stem.replace("step_", "").lstrip("0") or "0"
-            media = _read_artifact(client, run, path, caption=f"step {step}")
+            media = _read_artifact(client, run, path, caption=f"step {_step_of(path)}")
             if media is not None:
                 grids.append(media)
         view.validation.append(grids)
     return view
+
+
+def _step_of(path: str) -> str:
+    return Path(path).stem.replace("step_", "").lstrip("0") or "0"
+
+
+def amortized_view(client, row: dict[str, Any], role: str) -> TrialView:
+    """An amortized trial: one generator, shown on its evaluation prompts (the first training prompts and
+    the held-out ones), never on every prompt it trained on, so that a sweep over 100k prompts gives a
+    page the size of one over 20. Per prompt: its turntable, and its row of every validation grid over
+    steps (the grids hold one row per evaluation prompt; their .txt names the rows)."""
+    run = client.get_run(row["run_id"])
+    run_id = row["run_id"]
+    entries = _read_json(client, run, "renders/turntables/prompts.json") or []
+    if not entries:  # a trial still running: its evaluation prompts, without turntables yet
+        groups = _read_json(client, run, "evaluation_prompts.json") or {}
+        entries = [{"prompt": p, "group": g} for g in (TRAIN, HELD_OUT) for p in groups.get(g, [])]
+    grids = []  # (step, rows by prompt) of every grid with its row labels
+    files = _artifact_files(client, run_id, "validation")
+    for path in (p for p in files if p.endswith(".png")):
+        labels = _read_text(client, run, path[: -len(".png")] + ".txt")
+        media = _read_artifact(client, run, path)
+        if media is not None and labels:
+            grids.append(
+                (
+                    _step_of(path),
+                    dict(zip(labels.splitlines(), grid_rows(media.data, labels.splitlines()), strict=False)),
+                )
+            )
+    if not entries and grids:  # nor the prompts file: the latest grid's rows, groups unknown
+        entries = [{"prompt": p} for p in grids[-1][1]]
+    view = TrialView(
+        row=row,
+        role=role,
+        metrics=_final_metrics(run, []),
+        prompts=[e["prompt"] for e in entries],
+        groups=[e.get("group") for e in entries],
+    )
+    for entry in entries:
+        turntable = entry.get("file")
+        path = f"renders/turntables/{turntable}" if turntable else None
+        caption = f"{entry['prompt']} ({'held-out' if entry.get('group') == HELD_OUT else 'trained on'})"
+        view.turntables.append(_read_artifact(client, run, path, caption) if path else None)
+        view.validation.append(
+            [
+                Media("image/png", rows[entry["prompt"]], f"step {step}")
+                for step, rows in grids
+                if entry["prompt"] in rows
+            ]
+        )
+    return view
+
+
+def grid_rows(png: bytes, labels: list[str], pad: int = 2) -> list[bytes]:
+    """A validation grid cut into its rows (trainers.visualize.image_grid: rows of equal height with
+    `pad` white pixels around each), one PNG per label; [] when the grid does not have that many rows."""
+    from PIL import Image
+
+    with Image.open(io.BytesIO(png)) as image:
+        image = image.convert("RGB")
+        n = len(labels)
+        height = (image.height - pad) // max(n, 1) - pad
+        if n == 0 or height < 1 or n * (height + pad) + pad != image.height:
+            return []
+        rows = []
+        for r in range(n):
+            top = pad + r * (height + pad)
+            buffer = io.BytesIO()
+            image.crop((0, top, image.width, top + height)).save(buffer, format="PNG")
+            rows.append(buffer.getvalue())
+        return rows
+
+
+def _read_text(client, run, path: str) -> str | None:
+    media = _read_bytes(client, run, path)
+    return media.decode("utf-8") if media is not None else None
+
+
+def _read_json(client, run, path: str) -> Any:
+    text = _read_text(client, run, path)
+    try:
+        return json.loads(text) if text is not None else None
+    except ValueError:  # a partial upload: as if absent
+        return None
 
 
 def load_study(name: str, workspace: Workspace):
@@ -409,6 +511,8 @@ def sweep_report(name: str, workspace: Workspace, top: int = 3) -> SweepReport:
         shown.append(trial_view(client, finished[-1], "worst", spec.kind))
     if not finished:  # nothing to rank yet: what the running trials have rendered so far
         shown = [trial_view(client, row, "running", spec.kind) for row in running[:top]]
+    if spec.trainer == "amortized":
+        notes.append(amortized_note(shown, rows))
     fanout = []
     if spec.kind == "fanout":  # every prompt's turntable, in the order the prompts were handed out
         by_prompt = sorted(finished, key=lambda r: r["trial"] if r["trial"] is not None else 1 << 30)
@@ -416,6 +520,7 @@ def sweep_report(name: str, workspace: Workspace, top: int = 3) -> SweepReport:
     return SweepReport(
         name=name,
         kind=spec.kind,
+        trainer=spec.trainer,
         objective=objective_of(name, workspace),
         rows=rows,
         summary=summarize(name, workspace, rows),
@@ -426,6 +531,20 @@ def sweep_report(name: str, workspace: Workspace, top: int = 3) -> SweepReport:
         parent_run_id=record.parent_run_id,
         mlflow_uri=record.stores.mlflow_uri,
         live=live,
+    )
+
+
+def amortized_note(shown: list[TrialView], rows: list[dict[str, Any]]) -> str:
+    """What an amortized sweep's side-by-side shows (and what it leaves out)."""
+    count = max((r.get("prompt_count") or 0 for r in rows), default=0)
+    groups = (shown[0].groups or []) if shown else []
+    trained, held_out = groups.count(TRAIN), groups.count(HELD_OUT)
+    return (
+        f"Amortized sweep: each trial trains one generator on {count} prompts. Shown for each trial are "
+        f"its evaluation prompts only, {trained} it trained on (the first of its library) and {held_out} "
+        "held-out prompt(s) it never saw (marked held-out), each with its turntable and its row of the "
+        "validation grids over steps; not every training prompt. eval/* metrics are on the training "
+        "prompts, eval/held_out/* on the held-out ones."
     )
 
 

@@ -34,7 +34,8 @@ TAG_SWEEP = "dreamsweep.sweep"
 TAG_ROLE = "dreamsweep.role"  # "sweep" (parent) or "trial" (child)
 TAG_RAY_TRIAL = "dreamsweep.ray_trial_id"
 TAG_OPTUNA_TRIAL = "dreamsweep.optuna_trial"
-TAG_PROMPTS = "dreamsweep.prompts"
+TAG_PROMPTS = "dreamsweep.prompts"  # JSON list: as many of the trial's prompts as fit in a tag
+TAG_PROMPT_COUNT = "dreamsweep.prompt_count"  # how many prompts the trial trains (an amortized library)
 TAG_PARAMS = "dreamsweep.search_params"  # JSON of the searched (resolved) params, for compare
 TAG_GIT = "mlflow.source.git.commit"
 TAG_HOST = "dreamsweep.host"
@@ -61,6 +62,17 @@ def git_commit(repo: Path | None = None) -> str:
 
 def _truncate(text: str, limit: int) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def json_list_tag(items: list[str], limit: int = MAX_TAG) -> str:
+    """A JSON list of the first items that fit in `limit` characters: always valid JSON (a cut string
+    would not parse), so that a trial of 100k prompts keeps a readable tag; the count is its own tag."""
+    kept: list[str] = []
+    for item in items:
+        if len(json.dumps([*kept, item])) > limit:
+            break
+        kept.append(item)
+    return json.dumps(kept)
 
 
 def ensure_experiment(client: MlflowClient, name: str, artifact_location: str | None) -> str:
@@ -260,7 +272,8 @@ class TrialRun:
             TAG_RUN_NAME: f"trial-{number:04d}" if number is not None else identity.ray_trial_id,
             TAG_RAY_TRIAL: identity.ray_trial_id,
             TAG_OPTUNA_TRIAL: str(number),
-            TAG_PROMPTS: _truncate(json.dumps(identity.prompts), MAX_TAG),
+            TAG_PROMPTS: json_list_tag(identity.prompts),
+            TAG_PROMPT_COUNT: str(len(identity.prompts)),
             TAG_PARAMS: _truncate(json.dumps(identity.search_params, default=str), MAX_TAG),
             TAG_GIT: identity.git_commit,
             TAG_HOST: socket.gethostname(),

@@ -19,6 +19,7 @@ from trainers.amortized.prompt_library import PromptSource
 from trainers.cameras import CameraConfig
 from trainers.config import LossConfig
 from trainers.config_base import ConfigBase, build_config, config_source, deep_merge, overrides_tree
+from trainers.evaluation.config import EvaluationConfig
 from trainers.guidance import GuidanceConfig
 from trainers.priors.base import PriorConfig
 from trainers.rendering import BackgroundConfig, RendererConfig
@@ -49,6 +50,11 @@ class EvalPromptsConfig(ConfigBase):
     held_out: list[str] = []
     # The reference benchmark: add its first N held-out (unseen colour-shape) prompts automatically.
     n_reference_held_out: int = Field(0, ge=0)
+    # A split of the training library (`prompts.path`) that the CLIP evaluation scores as a whole:
+    # eval/test/clip_similarity, and eval/test/clip_r_at_1 (each view's own prompt the nearest of the
+    # split's). "test" is the paper's protocol (DF415's test split is its 415 training prompts).
+    test_split: str | None = None
+    n_test: int | None = Field(None, ge=1)  # the split's first N prompts; None: all of them
 
 
 class AmortizedLoggingConfig(ConfigBase):
@@ -95,6 +101,9 @@ class AmortizedConfig(ConfigBase):
     loss: LossConfig = LossConfig()
     logging: AmortizedLoggingConfig = AmortizedLoggingConfig()
     eval_prompts: EvalPromptsConfig = EvalPromptsConfig()
+    # CLIP similarity (and R@1) of the evaluation prompts' orbit renders, as the per-prompt trainer's
+    # `evaluation` section; at the end, and every `evaluation.every` steps.
+    evaluation: EvaluationConfig = EvaluationConfig()
     data_parallel: DataParallelConfig = DataParallelConfig()
 
     @model_validator(mode="after")
@@ -110,6 +119,12 @@ class AmortizedConfig(ConfigBase):
             raise ValueError(
                 "generator.background_hyper_dim > 0 writes an environment map per prompt: it needs "
                 f"background.kind=env_map (got {self.background.kind!r}), or set it to 0"
+            )
+        if self.eval_prompts.test_split and (self.prompts.path is None or not self.evaluation.clip):
+            raise ValueError(
+                f"eval_prompts.test_split={self.eval_prompts.test_split!r} scores a split of the prompt "
+                "library with CLIP: it needs prompts.path (a library JSON with that split) and "
+                "evaluation.clip (e.g. openai/clip-vit-large-patch14)"
             )
         if self.renderer.estimator == "occgrid":
             raise ValueError(

@@ -17,7 +17,7 @@ import torch
 import yaml
 
 from trainers.amortized.config import AmortizedConfig
-from trainers.amortized.loop import AmortizedModel, camera_slice
+from trainers.amortized.loop import AmortizedModel, camera_slice, prompt_slug
 from trainers.amortized.prompt_library import GeneratorTextEncoder, warn_truncated
 from trainers.cameras import turntable_cameras
 from trainers.checkpoint import latest_checkpoint, load_checkpoint
@@ -84,7 +84,6 @@ def generate(
     )
     render_s = time.perf_counter() - started
     if output is None:
-        slug = "".join(c if c.isalnum() else "_" for c in prompt.lower())[:60].strip("_")
-        output = Path(run_dir) / "generated" / f"{slug}.{config.logging.turntable_format}"
+        output = Path(run_dir) / "generated" / f"{prompt_slug(prompt)}.{config.logging.turntable_format}"
     path = save_turntable(output, rgb)
     return Generated(Path(path), forward_s, render_s, rgb.cpu())

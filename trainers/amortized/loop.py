@@ -15,6 +15,7 @@ whose state is checkpointed with the others', so a resumed run ends where an uni
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import time
@@ -35,6 +36,7 @@ from trainers.amortized.generators import ConditionedField, Generator, make_gene
 from trainers.amortized.generators.background import HyperBackground
 from trainers.amortized.prompt_library import (
     GeneratorTextEncoder,
+    PromptSelection,
     TextEmbeddingCache,
     drop_duplicates,
     load_prompt_table,
@@ -182,6 +184,36 @@ def evaluation_prompts(config: AmortizedConfig, prompts: list[str]) -> dict[str,
     trained = set(prompts)
     held_out = [p for p in dict.fromkeys(held_out) if p not in trained]
     return {"train": prompts[: config.eval_prompts.n_train], "held_out": held_out}
+
+
+def test_prompts(config: AmortizedConfig) -> list[str]:
+    """The library split `eval_prompts.test_split` (deduplicated, its first `n_test`), [] when unset."""
+    if not config.eval_prompts.test_split:
+        return []
+    source = config.prompts.model_copy(
+        update={"split": config.eval_prompts.test_split, "select": PromptSelection()}
+    )
+    try:
+        table, _ = drop_duplicates(load_prompt_table(source))
+    except (OSError, ValueError, pa.ArrowInvalid) as exc:
+        raise PromptLibraryError(f"eval_prompts.test_split: {exc}") from None
+    return table.column("prompt").to_pylist()[: config.eval_prompts.n_test]
+
+
+EVALUATION_PROMPTS_FILE = "evaluation_prompts.json"  # in output_dir: which prompts the grids' rows are
+TURNTABLES_DIR = "turntables"  # in output_dir: one turntable per evaluation prompt, and prompts.json
+
+
+def shown_prompts(config: AmortizedConfig, prompts: list[str]) -> dict[str, list[str]]:
+    """The evaluation prompts the validation grids and turntables show, by group (the first training
+    prompt when `eval_prompts.n_train` is 0, so that a run always shows something it trained on)."""
+    groups = evaluation_prompts(config, prompts)
+    return {"train": groups["train"] or prompts[:1], "held_out": groups["held_out"]}
+
+
+def prompt_slug(prompt: str, limit: int = 60) -> str:
+    """A file name's worth of a prompt: lower-case letters and digits, '_' between words."""
+    return "".join(c if c.isalnum() else "_" for c in prompt.lower())[:limit].strip("_") or "prompt"
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -465,8 +497,8 @@ class AmortizedTrainer:
         """One row per evaluation prompt (training prompts, then held-out ones), views across."""
         import imageio.v3 as iio
 
-        groups = evaluation_prompts(self.config, self.prompts)
-        prompts = (groups["train"] or self.prompts[:1]) + groups["held_out"]
+        groups = shown_prompts(self.config, self.prompts)
+        prompts = groups["train"] + groups["held_out"]
         cameras = self.validation_cameras()
         rgb = self.render_prompts(prompts, cameras)["rgb"]
         rows = list(rgb.reshape(len(prompts), len(cameras), *rgb.shape[1:]))
@@ -482,11 +514,70 @@ class AmortizedTrainer:
         )
         return save_turntable(path, self.render_prompts([prompt], cameras)["rgb"])
 
-    def evaluate(self) -> dict[str, float]:
-        """Ground-truth metrics averaged over the training and the held-out evaluation prompts (scene
-        prompts only): eval/psnr, ... on training prompts, eval/held_out/psnr, ... on unseen ones."""
+    def save_evaluation_turntables(self, folder: Path) -> list[Path]:
+        """One turntable per evaluation prompt, `<group>_<NN>_<prompt>.<format>`, and `prompts.json`
+        ([{file, prompt, group}], group "train" or "held_out") that names them: what a person compares
+        between generators is what each makes of the same prompts, trained on and not."""
+        fmt = self.config.logging.turntable_format
+        entries = [
+            {"file": f"{group}_{i:02d}_{prompt_slug(prompt)}.{fmt}", "prompt": prompt, "group": group}
+            for group, prompts in shown_prompts(self.config, self.prompts).items()
+            for i, prompt in enumerate(prompts)
+        ]
+        paths = [self.save_turntable(folder / e["file"], e["prompt"]) for e in entries]
+        index = folder / "prompts.json"
+        index.write_text(json.dumps(entries, indent=1) + "\n")
+        return [*paths, index]
+
+    def clip_model(self):
+        """The CLIP model of `evaluation.clip`, loaded once per process (rank 0 evaluates)."""
+        from trainers.evaluation.clip import load_clip
+
+        return load_clip(
+            self.config.evaluation.clip, device=self.device, cache_dir=self.config.prior.cache_dir
+        )
+
+    def evaluate_clip(self) -> dict[str, float]:
+        """The paper's CLIP protocol on each group of evaluation prompts: the mean over its prompts of the
+        cosine between each orbit view and its own prompt (eval/clip_similarity on the training prompts,
+        eval/held_out/... on unseen ones, eval/test/... on `eval_prompts.test_split`), and R@1 among the
+        group's prompts where it has two or more."""
+        from trainers.evaluation.clip import mean_or_none, orbit_renders, retrieval_scores
+
+        ev, model = self.config.evaluation, self.clip_model()
+        resolution = ev.resolution or self.config.resolution
         groups = evaluation_prompts(self.config, self.prompts)
         out: dict[str, float] = {}
+        for prefix, prompts in (("eval/", groups["train"]), ("eval/held_out/", groups["held_out"]),
+                                ("eval/test/", test_prompts(self.config))):  # fmt: skip
+            if not prompts:
+                continue
+            embeds = []
+            for prompt in prompts:
+
+                def render(cameras, width, height, prompt=prompt):
+                    self.model.eval()
+                    text = self.features_for([prompt])
+                    tiled = cameras.to(self.device)
+                    return self.model(text, None, tiled, resolution, train=False)
+
+                views = orbit_renders(
+                    render, ev.views, ev.elevation, self.config.camera, resolution, ev.batch_size
+                )
+                embeds.append(model.embed_images(views, ev.batch_size))
+            scores = retrieval_scores(embeds, list(range(len(prompts))), model.embed_texts(prompts))
+            out[prefix + "clip_similarity"] = float(np.mean([s["similarity"] for s in scores]))
+            recall = mean_or_none([s["recall_at_1"] for s in scores])
+            if recall is not None:
+                out[prefix + "clip_r_at_1"] = recall
+        return out
+
+    def evaluate(self) -> dict[str, float]:
+        """Ground-truth metrics averaged over the training and the held-out evaluation prompts (scene
+        prompts only): eval/psnr, ... on training prompts, eval/held_out/psnr, ... on unseen ones; and
+        the CLIP metrics where `evaluation.clip` names a model (`evaluate_clip`)."""
+        groups = evaluation_prompts(self.config, self.prompts)
+        out: dict[str, float] = self.evaluate_clip() if self.config.evaluation.clip else {}
         for group, prompts in groups.items():
             scored = [p for p in prompts if is_scene_prompt(p)]
             per_prompt = [self._evaluate_prompt(p) for p in scored]
@@ -531,6 +622,19 @@ def reported_metrics(config: AmortizedConfig) -> set[str]:
         names |= {f"eval/{n}" for n in short}
         if config.eval_prompts.held_out or config.eval_prompts.n_reference_held_out:
             names |= {f"eval/held_out/{n}" for n in short}
+    if config.evaluation.clip:
+        n_train = config.eval_prompts.n_train
+        n_held_out = len(config.eval_prompts.held_out) + config.eval_prompts.n_reference_held_out
+        groups = [("eval/", n_train, n_train)]
+        groups.append(("eval/held_out/", min(n_held_out, 1), n_held_out))
+        # the size of the test split is the library's: R@1 is reported when it holds 2 prompts or more
+        if config.eval_prompts.test_split:
+            groups.append(("eval/test/", 1, config.eval_prompts.n_test or 2))
+        for prefix, at_least, at_most in groups:
+            if at_least:
+                names.add(prefix + "clip_similarity")
+            if at_most >= 2:
+                names.add(prefix + "clip_r_at_1")
     return names
 
 
@@ -568,6 +672,12 @@ def train(
     trainer = AmortizedTrainer(
         config, prior, rank=rank, world_size=world_size, device=device, progress=progress
     )
+    if main:  # which grid row is a training prompt and which a held-out one, from the first grid on
+        groups = shown_prompts(config, trainer.prompts)
+        (output_dir / EVALUATION_PROMPTS_FILE).write_text(json.dumps(groups, indent=1) + "\n")
+        if config.evaluation.clip:  # a bad evaluation.clip or test split fails now, not after the last step
+            trainer.clip_model()
+            test_prompts(config)
     if resume_from == "latest":
         resume_from = latest_checkpoint(checkpoint_dir)
     if resume_from is not None:
@@ -633,6 +743,11 @@ def train(
                 ground_truth = _broadcast(trainer.evaluate() if main else None, world_size)
                 if ground_truth and on_metrics:
                     on_metrics(step, ground_truth)
+            every = config.evaluation.every  # CLIP alone, so that ASHA can judge trials on it
+            if config.evaluation.clip and every and step % every == 0 and step < config.max_steps:
+                scores = _broadcast(trainer.evaluate_clip() if main else None, world_size)
+                if on_metrics:
+                    on_metrics(step, scores)
             if log_cfg.checkpoint_every and step % log_cfg.checkpoint_every == 0 and step < config.max_steps:
                 checkpoint()
         bar.close()
@@ -652,6 +767,8 @@ def train(
                     output_dir / f"turntable.{log_cfg.turntable_format}", trainer.prompts[0]
                 )
             )
+            for path in trainer.save_evaluation_turntables(output_dir / TURNTABLES_DIR):
+                emit_artifact(path)
             (output_dir / "metrics.yaml").write_text(
                 yaml.safe_dump({k: v for k, v in final.items() if math.isfinite(v)}, sort_keys=True)
             )
