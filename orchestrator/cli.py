@@ -393,9 +393,12 @@ def cmd_compare(args) -> int:
 
 def compare_columns(rows: list[dict]) -> list[str]:
     """The trial table's columns: an amortized trial's prompts are its library, so its count stands in."""
+    columns = list(COMPARE_COLUMNS)
+    if any(row.get("objective_sem") is not None for row in rows):  # replicated trials: mean ± s.e.
+        columns.insert(columns.index("objective") + 1, "objective_sem")
     if any(row.get("trainer") == "amortized" for row in rows):
-        return [c if c != "prompts" else "prompt_count" for c in COMPARE_COLUMNS]
-    return COMPARE_COLUMNS
+        return [c if c != "prompts" else "prompt_count" for c in columns]
+    return columns
 
 
 def cmd_report(args) -> int:

@@ -91,6 +91,16 @@ def solo(config, prior) -> Recorder:
     return recorder
 
 
+def together(configs, prior) -> tuple[list, list[Recorder]]:
+    """Train `configs` as one pack: each run's event and its recorded losses."""
+    recorders = [Recorder() for _ in configs]
+    runs = [
+        TrainingRun(cfg, prior, on_metrics=recorder, progress=False)
+        for cfg, recorder in zip(configs, recorders, strict=True)
+    ]
+    return train_packed(runs), recorders
+
+
 def assert_same_run(packed: Recorder, alone: Recorder) -> None:
     assert sorted(packed.losses) == list(range(1, STEPS + 1))
     assert sorted(packed.losses) == sorted(alone.losses)
@@ -117,17 +127,8 @@ def test_each_packed_member_computes_what_it_computes_alone_on_the_reference_pri
     configs = [reference_config(tmp_path, reference_cache, f"solo{i}", **m) for i, m in enumerate(MEMBERS)]
     alone = [solo(cfg, reference_prior) for cfg in configs]
 
-    recorders = [Recorder() for _ in MEMBERS]
-    runs = [
-        TrainingRun(
-            reference_config(tmp_path, reference_cache, f"packed{i}", **m),
-            reference_prior,
-            on_metrics=recorders[i],
-            progress=False,
-        )
-        for i, m in enumerate(MEMBERS)
-    ]
-    events = train_packed(runs)
+    packed = [reference_config(tmp_path, reference_cache, f"packed{i}", **m) for i, m in enumerate(MEMBERS)]
+    events, recorders = together(packed, reference_prior)
 
     for event, recorder, reference in zip(events, recorders, alone, strict=True):
         assert not event.failed, event.error
@@ -147,18 +148,9 @@ def test_each_packed_member_computes_what_it_computes_alone_on_tiny_sd(tmp_path,
     ]
     configs = [tiny_config(tmp_path, tiny_sd_dir, f"solo{i}", **m) for i, m in enumerate(members)]
     alone = [solo(cfg, tiny_sd_prior) for cfg in configs]
-    recorders = [Recorder() for _ in members]
-    runs = [
-        TrainingRun(
-            tiny_config(tmp_path, tiny_sd_dir, f"packed{i}", **m),
-            tiny_sd_prior,
-            on_metrics=recorders[i],
-            progress=False,
-        )
-        for i, m in enumerate(members)
-    ]
-    for event in train_packed(runs):
-        assert not event.failed, event.error
+    packed = [tiny_config(tmp_path, tiny_sd_dir, f"packed{i}", **m) for i, m in enumerate(members)]
+    events, recorders = together(packed, tiny_sd_prior)
+    assert not any(event.failed for event in events)
     for recorder, reference in zip(recorders, alone, strict=True):
         assert_same_run(recorder, reference)
 

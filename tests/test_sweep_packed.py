@@ -16,6 +16,7 @@ from orchestrator.run.sweep import submit
 from orchestrator.run.workspace import Workspace
 from orchestrator.spec.spec import SpecError, load_sweep_spec
 from orchestrator.track import tracking
+from orchestrator.track.report import compare, status
 
 ROOT = Path(__file__).resolve().parent.parent
 STEPS = 10
@@ -80,11 +81,11 @@ def packed_sweep(local_ray, tmp_path_factory, cache_dir):
     study = optuna.load_study(study_name="packed", storage=record.stores.optuna_url)
     client = mlflow.MlflowClient(record.stores.mlflow_uri)
     runs = tracking.trial_runs(client, record.experiment_id)
-    return outcome, study, client, runs
+    return outcome, study, client, runs, ws
 
 
 def test_every_trial_of_a_packed_sweep_completes_with_one_mlflow_run_of_its_own(packed_sweep):
-    outcome, study, client, runs = packed_sweep
+    outcome, study, client, runs, _ = packed_sweep
     assert [t.state.name for t in study.trials] == ["COMPLETE"] * 5 and outcome.complete == 5
     assert sorted(int(r.data.tags[tracking.TAG_OPTUNA_TRIAL]) for r in runs) == [0, 1, 2, 3, 4]
     for run in runs:
@@ -100,7 +101,7 @@ def test_every_trial_of_a_packed_sweep_completes_with_one_mlflow_run_of_its_own(
 
 
 def test_members_of_one_worker_train_at_overlapping_times_with_one_prior_call_per_worker_step(packed_sweep):
-    outcome, _, _, runs = packed_sweep
+    outcome, _, _, runs, _ = packed_sweep
     by_pid: dict[str, list] = {}
     for run in runs:
         by_pid.setdefault(run.data.tags["dreamsweep.pid"], []).append(run)
@@ -182,3 +183,31 @@ def test_packing_vsd_is_refused_naming_both_keys(cache_dir):
     bad["overrides"] = {**bad["overrides"], "guidance.method": "vsd"}
     with pytest.raises(SpecError, match=r"pack: 2 with guidance.method: vsd"):
         load_sweep_spec(bad)
+
+
+def test_status_of_a_packed_sweep_reads_the_study(packed_sweep):
+    _, study, _, _, ws = packed_sweep
+    rows = status("packed", ws)
+    assert [(r["trial"], r["state"]) for r in rows] == [(t.number, "COMPLETE") for t in study.trials]
+    assert [r["objective"] for r in rows] == [t.value for t in study.trials]
+    assert [r["ray_trial_id"] for r in rows] == [f"pack-{t.number:04d}" for t in study.trials]
+
+
+def test_replicates_train_one_config_with_several_seeds_and_report_their_mean_and_standard_error(
+    local_ray, tmp_path, cache_dir
+):
+    ws = Workspace(tmp_path / "ws")
+    outcome = submit(spec("seeds", cache_dir, trials=1, replicates=2, max_concurrent=1), workspace=ws)
+    assert outcome.complete == 1 and outcome.stats["max_members"] == 2  # the two seeds, one pack
+    record = ws.record("seeds")
+    (trial,) = optuna.load_study(study_name="seeds", storage=record.stores.optuna_url).trials
+    client = mlflow.MlflowClient(record.stores.mlflow_uri)
+    (run,) = tracking.trial_runs(client, record.experiment_id)
+    per_seed = [run.data.metrics[f"replicate_{r}/eval/psnr"] for r in (0, 1)]
+    assert per_seed[0] != per_seed[1]  # two seeds, two models
+    assert trial.value == pytest.approx(sum(per_seed) / 2)
+    assert trial.user_attrs["objective_sem"] == pytest.approx(abs(per_seed[0] - per_seed[1]) / 2)
+    assert run.data.metrics["objective_sem"] == pytest.approx(trial.user_attrs["objective_sem"])
+    (row,) = compare("seeds", ws)
+    assert row["objective"] == pytest.approx(trial.value)
+    assert row["objective_sem"] == pytest.approx(trial.user_attrs["objective_sem"])

@@ -226,3 +226,39 @@ def test_an_amortized_sweep_resumes_after_kill_9_with_one_run_per_trial(tmp_path
         resumed_at = [int(m.value) for m in history]
         assert resumed_at and resumed_at[0] in steps | {max(steps) + AMORTIZED_EVERY}, (resumed_at, steps)
         assert float(runs[number].data.params["guidance.eta"]) == study.trials[number].params["guidance.eta"]
+
+
+# The same promises for a packed sweep (pack: 2, one worker holding two trials behind one prior call):
+# no Tune state, the study's RUNNING trials continue from their own checkpoints.
+def packed_checkpoint_steps(ws, number: int) -> set[int]:
+    pattern = (
+        f"{ws.root}/ray_results/killed/packed/trial_{number:04d}/replicate_0/prompt_000/checkpoints/step_*"
+    )
+    return {int(os.path.basename(path).split("_")[-1]) for path in glob.glob(pattern)}
+
+
+def test_a_packed_sweep_resumes_after_kill_9_with_every_member_at_its_own_checkpoint(tmp_path):
+    spec = {**SPEC, "pack": 2}
+    ws, done_before, in_flight, kill_time_ms = submit_kill_9_and_resume(
+        tmp_path, spec, steps_of=packed_checkpoint_steps
+    )
+    record = ws.record("killed")
+    study = optuna.load_study(study_name="killed", storage=record.stores.optuna_url)
+    client = mlflow.MlflowClient(record.stores.mlflow_uri)
+    all_runs = tracking.trial_runs(client, record.experiment_id)
+    runs = {int(r.data.tags[tracking.TAG_OPTUNA_TRIAL]): r for r in all_runs}
+
+    assert [t.state.name for t in study.trials] == ["COMPLETE"] * TRIALS  # none left RUNNING
+    assert sorted(runs) == list(range(TRIALS)) and len(all_runs) == TRIALS  # one run per trial
+    for number, run in runs.items():
+        steps = [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")]
+        assert steps == list(range(1, MAX_STEPS + 1)), (number, steps)  # every step once
+        assert run.info.status == "FINISHED"
+    for number in done_before:  # finished before the kill: not run again
+        assert runs[number].info.end_time < kill_time_ms
+        assert not client.get_metric_history(runs[number].info.run_id, "trial/resumed_at_step")
+    for number, steps in in_flight.items():  # continued from a checkpoint it had written
+        history = client.get_metric_history(runs[number].info.run_id, "trial/resumed_at_step")
+        resumed_at = [int(m.value) for m in history]
+        assert resumed_at and resumed_at[0] in steps | {max(steps) + CHECKPOINT_EVERY}, (resumed_at, steps)
+        assert float(runs[number].data.params["guidance.eta"]) == study.trials[number].params["guidance.eta"]

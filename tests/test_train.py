@@ -136,7 +136,8 @@ def assert_names_the_memory_keys(error: TrainingOutOfMemoryError, where: str) ->
 @pytest.mark.parametrize(
     "where,patched",
     [
-        ("the forward pass of step 1 (render and guidance)", lambda trainer: (trainer.renderer, "render")),
+        ("the forward pass of step 1 (the render)", lambda trainer: (trainer.renderer, "render")),
+        ("the guidance of step 1", lambda trainer: (trainer.prior, "predict_noise")),
         ("the backward pass of step 1", lambda trainer: (torch.Tensor, "backward")),
         ("the optimizer step of step 1", lambda trainer: (trainer.optimizer, "step")),
     ],

@@ -456,6 +456,8 @@ class PackedSweep:
                 return None
             self.study.enqueue_trial({PROMPT_INDEX: free[0]})
         trial = self.study.ask(self.distributions)
+        # What `dreamsweep status` matches the live progress view and the MLflow run by.
+        trial.set_user_attr("ray_trial_id", member_run_id(trial.number))
         return trial.number, dict(trial.params)
 
     # -- the loop ---------------------------------------------------------------------------------

@@ -144,6 +144,8 @@ def compare(name: str, workspace: Workspace, top: int | None = None) -> list[dic
                 "state": run.info.status,
                 "params": params,
                 "objective": objective,
+                # A replicated trial's (replicates: R) standard error over its seeds; None otherwise.
+                "objective_sem": run.data.metrics.get("objective_sem"),
                 "prompts": prompts,
                 # How many prompts the trial trains: the prompts tag keeps only those that fit in a tag.
                 "prompt_count": int(
