@@ -211,3 +211,21 @@ def test_replicates_train_one_config_with_several_seeds_and_report_their_mean_an
     (row,) = compare("seeds", ws)
     assert row["objective"] == pytest.approx(trial.value)
     assert row["objective_sem"] == pytest.approx(trial.user_attrs["objective_sem"])
+
+
+def test_the_pruner_stops_one_member_at_its_rung_and_leaves_the_others_running():
+    """ASHA's semantics, per trial: at a rung, a trial below the top 1/reduction_factor of those that
+    reached it is stopped; the trials above it are not, whatever pack they share."""
+    from orchestrator.run.packed import make_pruner, pruned
+
+    sweep = load_sweep_spec(
+        {**spec("asha", "/tmp"), "early_stopping": {"grace_period": 4, "reduction_factor": 2}}, check=False
+    )
+    study = optuna.create_study(direction="maximize", pruner=make_pruner(sweep))
+    good, bad, later = (study.ask().number for _ in range(3))
+    assert not pruned(study, good, 12.0, 2, 10)  # before the first rung: nobody is judged
+    assert not pruned(study, good, 12.0, 4, 10)  # first at rung 4: nothing to compare with
+    assert pruned(study, bad, 9.0, 4, 10)  # below the better one at rung 4: stopped
+    assert not pruned(study, later, 13.0, 5, 10)  # above it: goes on
+    assert not pruned(study, good, 12.5, 6, 10)  # the first trial is still judged on its own
+    assert not pruned(study, bad, 1.0, 10, 10)  # a trial at its last step is never stopped

@@ -398,6 +398,15 @@ def make_pruner(spec: SweepSpec) -> optuna.pruners.BasePruner:
     )
 
 
+def pruned(study: optuna.Study, number: int, value: float, step: int, total: int) -> bool:
+    """Report trial `number`'s objective so far at `step` and ask the study's pruner whether to stop
+    it. Each trial is judged alone against the others at its rung; a trial at its last step never is
+    (stopping it then saves nothing and would cut off its final evaluation)."""
+    trial = optuna.Trial(study, study.trials[number]._trial_id)
+    trial.report(value, step)
+    return step < total and trial.should_prune()
+
+
 @dataclass
 class Slot:
     """A worker as the driver sees it: its actor and the trials it holds."""
@@ -515,9 +524,7 @@ class PackedSweep:
         if self.progress is not None:
             self.progress.reported(report)
         if report.objective is not None and self.spec.early_stopping is not None:
-            trial = optuna.Trial(self.study, self._trial_id(report.number))
-            trial.report(report.objective, report.step)
-            if report.step < report.total and trial.should_prune():
+            if pruned(self.study, report.number, report.objective, report.step, report.total):
                 # The worker drops it before its next advance (an actor runs its calls in order).
                 self.pending_drops.append(slot.actor.drop.remote(report.number))
                 self._tell(report.number, state=TrialState.PRUNED)
