@@ -120,12 +120,51 @@ def _mlflow_server() -> None:
     assert list(inspect.signature(create_fastapi_app).parameters) == ["flask_app"], "create_fastapi_app"
 
 
+def optuna_trial_id(study, number: int) -> int:
+    """A trial's storage id from its number: what `optuna.Trial(study, trial_id)` takes to report to,
+    or set attributes of, a trial that this process did not `ask` for (a packed sweep's driver after a
+    restart). Optuna's public API goes by number only in `tell`."""
+    storage = study._storage
+    return storage.get_trial_id_from_study_id_trial_number(
+        storage.get_study_id_from_name(study.study_name), number
+    )
+
+
+# Optuna's GridSampler calls `study.stop()` once its grid is used up, and `stop` raises this outside
+# `study.optimize`; `tell` has stored the trial's state before (its `finally`), so a driver that asks
+# and tells by hand (orchestrator/run/packed.py) can ignore it.
+OPTUNA_STOP_OUTSIDE_OPTIMIZE = "`Study.stop` is supposed to be invoked inside an objective function"
+
+
+def tell_outside_optimize(study, number: int, value: float | None = None, state=None) -> None:
+    """`study.tell`, for a driver that asks and tells by hand with any sampler (the grid one too)."""
+    try:
+        study.tell(number, value, state=state)
+    except RuntimeError as error:
+        if OPTUNA_STOP_OUTSIDE_OPTIMIZE not in str(error):
+            raise
+
+
+def _grid_sampler_stop() -> None:
+    import optuna
+
+    study = optuna.create_study(sampler=optuna.samplers.GridSampler({"x": [0]}))
+    trial = study.ask({"x": optuna.distributions.CategoricalDistribution([0])})
+    try:
+        study.tell(trial.number, 1.0)
+    except RuntimeError as error:
+        assert OPTUNA_STOP_OUTSIDE_OPTIMIZE in str(error), f"GridSampler's stop now says: {error}"
+    assert study.trials[0].state == optuna.trial.TrialState.COMPLETE, "tell stores the state before stop"
+    assert optuna_trial_id(study, trial.number) == trial._trial_id, "optuna_trial_id"
+
+
 PRIVATE_DETAILS: dict[str, Callable[[], None]] = {
     "ray.train._internal.session._TrainingResult(checkpoint, metrics)": _training_result,
     "ray.train._internal.checkpoint_manager._CheckpointManager._checkpoint_results": _checkpoint_manager,
     "ray.tune.search.optuna.OptunaSearch._ot_study / _ot_trials": _optuna_search,
     "SearchGenerator._counter, ConcurrencyLimiter.live_trials / num_unfinished_live_trials": _search_generator,
     "optuna.Study._storage.get_trial_id_from_study_id_trial_number": _optuna_storage,
+    "optuna GridSampler's study.stop() in tell outside optimize; optuna_trial_id": _grid_sampler_stop,
     "ray._private.runtime_env.packaging.GCS_STORAGE_MAX_SIZE": _package_limit,
     "ray/autoscaler/ray-schema.json": _cluster_schema,
     "mlflow.server: the index view `serve`, _MLFLOW_SGI_NAME, fastapi_app.create_fastapi_app": _mlflow_server,

@@ -43,6 +43,7 @@ import optuna
 import ray
 from optuna.trial import TrialState
 
+from orchestrator.internals import optuna_trial_id, tell_outside_optimize
 from orchestrator.run.trainable import (
     OBJECTIVE,
     SweepContext,
@@ -402,7 +403,7 @@ def pruned(study: optuna.Study, number: int, value: float, step: int, total: int
     """Report trial `number`'s objective so far at `step` and ask the study's pruner whether to stop
     it. Each trial is judged alone against the others at its rung; a trial at its last step never is
     (stopping it then saves nothing and would cut off its final evaluation)."""
-    trial = optuna.Trial(study, study.trials[number]._trial_id)
+    trial = optuna.Trial(study, optuna_trial_id(study, number))
     trial.report(value, step)
     return step < total and trial.should_prune()
 
@@ -515,7 +516,7 @@ class PackedSweep:
             return
         if report.final is not None:
             if report.sem is not None:
-                self.study._storage.set_trial_user_attr(self._trial_id(report.number), SEM, report.sem)
+                self._set_attr(report.number, SEM, report.sem)
             self._tell(report.number, report.final)
             slot.trials.discard(report.number)
             if self.progress is not None:
@@ -533,20 +534,13 @@ class PackedSweep:
                     self.progress.completed(report, pruned=True)
 
     def _tell(self, number: int, value: float | None = None, state: TrialState | None = None) -> None:
-        try:
-            self.study.tell(number, value, state=state)
-        except RuntimeError as error:
-            # The grid sampler calls study.stop() once its grid is used up, which Optuna allows only
-            # inside study.optimize; the trial's state is stored before that (Optuna's tell).
-            if "Study.stop" not in str(error):
-                raise
+        tell_outside_optimize(self.study, number, value, state)
 
-    def _trial_id(self, number: int) -> int:
-        return self.study.trials[number]._trial_id
+    def _set_attr(self, number: int, key: str, value) -> None:
+        optuna.Trial(self.study, optuna_trial_id(self.study, number)).set_user_attr(key, value)
 
     def _fail(self, number: int, error: str) -> None:
-        trial_id = self._trial_id(number)
-        self.study._storage.set_trial_user_attr(trial_id, "error", error[-2000:])
+        self._set_attr(number, "error", error[-2000:])
         self._tell(number, state=TrialState.FAIL)
         if self.progress is not None:
             self.progress.failed(number, error)
@@ -556,9 +550,8 @@ class PackedSweep:
         files, on whichever worker has a slot first, each at most `retries` times."""
         slot.actor = self.actor_class.remote(self.context, self.trials_root)
         for number in sorted(slot.trials):
-            trial_id = self._trial_id(number)
             attempts = int(self.study.trials[number].user_attrs.get(ATTEMPTS, 0)) + 1
-            self.study._storage.set_trial_user_attr(trial_id, ATTEMPTS, attempts)
+            self._set_attr(number, ATTEMPTS, attempts)
             if attempts > self.spec.retries:
                 self._fail(number, f"its worker died {attempts} times (retries: {self.spec.retries})")
             else:
