@@ -229,3 +229,54 @@ def test_the_pruner_stops_one_member_at_its_rung_and_leaves_the_others_running()
     assert not pruned(study, later, 13.0, 5, 10)  # above it: goes on
     assert not pruned(study, good, 12.5, 6, 10)  # the first trial is still judged on its own
     assert not pruned(study, bad, 1.0, 10, 10)  # a trial at its last step is never stopped
+
+
+def test_a_lost_worker_is_replaced_and_its_trials_continue_from_their_checkpoints(
+    local_ray, tmp_path, cache_dir
+):
+    """A worker's process killed mid-sweep (as when its node is lost): a new worker takes its place and
+    its trials continue from their last checkpoints, into the runs they started."""
+    import os
+    import signal
+    import threading
+    import time
+
+    ws = Workspace(tmp_path / "ws")
+    lost = spec("lost", cache_dir, trials=2, max_concurrent=2, retries=1)
+    lost["overrides"] = {**lost["overrides"], "max_steps": 30, "logging.checkpoint_every": 3}
+    killed: dict[str, int] = {}
+
+    def kill_the_worker_after_its_first_checkpoint():
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and not killed:
+            time.sleep(0.2)
+            checkpoints = list(
+                (ws.root / "ray_results/lost/packed").glob("trial_*/replicate_0/*/checkpoints/step_*")
+            )
+            if not checkpoints or not (ws.root / "mlflow.db").exists():
+                continue
+            record = ws.record("lost")
+            runs = tracking.trial_runs(mlflow.MlflowClient(record.stores.mlflow_uri), record.experiment_id)
+            if runs:
+                killed["pid"] = int(runs[0].data.tags["dreamsweep.pid"])
+                os.kill(killed["pid"], signal.SIGKILL)
+
+    killer = threading.Thread(target=kill_the_worker_after_its_first_checkpoint, daemon=True)
+    killer.start()
+    outcome = submit(lost, workspace=ws)
+    killer.join(timeout=5)
+    assert killed, "the worker was never killed"
+
+    record = ws.record("lost")
+    study = optuna.load_study(study_name="lost", storage=record.stores.optuna_url)
+    assert [t.state.name for t in study.trials] == ["COMPLETE", "COMPLETE"] and outcome.complete == 2
+    client = mlflow.MlflowClient(record.stores.mlflow_uri)
+    runs = tracking.trial_runs(client, record.experiment_id)
+    assert len(runs) == 2  # the resumed trials wrote into the runs they started
+    for run in runs:
+        assert int(run.data.tags["dreamsweep.pid"]) != killed["pid"]  # finished on the new worker
+        steps = tracking.metric_steps(client, run.info.run_id, ["train/loss"])["train/loss"]
+        assert steps == list(range(1, 31))  # every step once, although steps after the checkpoint ran twice
+        resumed = client.get_metric_history(run.info.run_id, "trial/resumed_at_step")
+        assert resumed and int(resumed[0].value) % 3 == 0 and int(resumed[0].value) > 0
+    assert all(t.user_attrs["dreamsweep.worker_losses"] == 1 for t in study.trials)

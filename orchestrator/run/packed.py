@@ -187,10 +187,16 @@ class PackedTrial:
             if kind == "validation":
                 self.run.log_image(Path(path), prefix + "validation", offset + step)
 
+        def on_checkpoint(step: int, path: Path) -> None:
+            # MLflow never lags behind a checkpoint: a worker killed after it resumes from it, and the
+            # steps before it must already be logged (those after it are logged again, once).
+            self.run.flush()
+
         replicate.run = TrainingRun(
             config,
             prior,
             on_metrics=on_metrics,
+            on_checkpoint=on_checkpoint,
             on_artifact=on_artifact,
             resume_from=resume,
             progress=False,
