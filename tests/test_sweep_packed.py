@@ -16,7 +16,7 @@ from orchestrator.run.sweep import submit
 from orchestrator.run.workspace import Workspace
 from orchestrator.spec.spec import SpecError, load_sweep_spec
 from orchestrator.track import tracking
-from orchestrator.track.report import compare, status
+from orchestrator.track.report import best_config_yaml, compare, status
 
 ROOT = Path(__file__).resolve().parent.parent
 STEPS = 10
@@ -111,6 +111,19 @@ def test_members_of_one_worker_train_at_overlapping_times_with_one_prior_call_pe
         assert any(later[0] < earlier[1] for earlier, later in zip(spans, spans[1:], strict=False))
     assert outcome.stats["workers"] == 2 and outcome.stats["max_members"] == 2
     assert outcome.stats["prior_calls"] == outcome.stats["worker_steps"] > 0
+
+
+def test_the_best_packed_trial_trained_again_alone_reaches_its_metric(packed_sweep, tmp_path):
+    """`dreamsweep best` then `dreamsweep train`: a packed member computed what it computes alone."""
+    from trainers.config import load_train_config
+    from trainers.per_prompt import train
+
+    _, study, _, _, ws = packed_sweep
+    path = tmp_path / "best.yaml"
+    path.write_text(best_config_yaml("packed", ws))
+    config = load_train_config(str(path), {"output_dir": str(tmp_path / "best")})
+    result = train(config, progress=False)
+    assert result.final_metrics["eval/psnr"] == pytest.approx(study.best_value, abs=0.05)
 
 
 def test_a_freed_slot_takes_the_next_trial_while_the_other_member_goes_on(local_ray, tmp_path, cache_dir):

@@ -58,6 +58,7 @@ from orchestrator.spec.spec import SweepSpec
 from orchestrator.track import tracking
 
 PANEL_FILE = "panel.json"
+COMMITTED_FILE = "committed_checkpoint.json"  # a member's last checkpoint whose metrics are in MLflow
 ATTEMPTS = "dreamsweep.worker_losses"  # Optuna user attribute: how often a trial's worker died under it
 SEM = "objective_sem"  # the standard error of a replicated trial's objective (Optuna attr, MLflow metric)
 
@@ -168,7 +169,12 @@ class PackedTrial:
         from trainers.per_prompt import TrainingRun
 
         config = self.configs[replicate.index][replicate.position]
-        resume = latest_checkpoint(Path(config.output_dir) / "checkpoints")
+        committed = Path(config.output_dir) / COMMITTED_FILE
+        resume = None
+        if committed.exists():
+            resume = Path(config.output_dir) / "checkpoints" / json.loads(committed.read_text())["checkpoint"]
+            if not resume.is_dir():  # pruned after a newer one was written: the newest then
+                resume = latest_checkpoint(Path(config.output_dir) / "checkpoints")
         offset = replicate.position * self.steps_per_prompt
         prefix = self.prefix(replicate.index, replicate.position)
         if resume is not None:
@@ -188,9 +194,13 @@ class PackedTrial:
                 self.run.log_image(Path(path), prefix + "validation", offset + step)
 
         def on_checkpoint(step: int, path: Path) -> None:
-            # MLflow never lags behind a checkpoint: a worker killed after it resumes from it, and the
-            # steps before it must already be logged (those after it are logged again, once).
+            # A resume starts from the last *committed* checkpoint: one whose steps are all in MLflow.
+            # (A checkpoint is on disk before this runs, so a kill in between must not resume from it:
+            # the steps before it would never be logged.)
             self.run.flush()
+            tmp = committed.with_suffix(".tmp")
+            tmp.write_text(json.dumps({"checkpoint": Path(path).name, "step": step}))
+            os.replace(tmp, committed)
 
         replicate.run = TrainingRun(
             config,
@@ -275,7 +285,8 @@ class PackWorker:
         self.trials: dict[int, PackedTrial] = {}
         self.prior = None
         self.prior_calls = 0
-        self.unstarted: dict[int, str] = {}  # trials whose `add` failed: number -> the error
+        # Trials that ended in `add` (failed to start, or found finished): reported by the next advance.
+        self.unstarted: dict[int, TrialReport] = {}
 
     def pid(self) -> int:
         return os.getpid()
@@ -286,7 +297,8 @@ class PackWorker:
         try:
             trial = PackedTrial(self.context, number, params, replicates, self.trials_root)
         except Exception as error:
-            self.unstarted[number] = "".join(traceback.format_exception(error))[-4000:]
+            text = "".join(traceback.format_exception(error))[-4000:]
+            self.unstarted[number] = TrialReport(number, 0, 0, error=text, pid=os.getpid())
             return
         self.trials[number] = trial
         try:
@@ -296,8 +308,11 @@ class PackWorker:
             for replicate in trial.replicates:
                 if replicate.position < len(trial.panel):
                     self.pack.add((number, replicate.index), trial.start_prompt(replicate, self.prior))
+            if not any(r.position < len(trial.panel) for r in trial.replicates):
+                # Every prompt finished before a kill, but the study never heard: report it now.
+                self.unstarted[number] = self._complete(trial)
         except Exception as error:
-            self.unstarted[number] = self._fail(trial, error).error
+            self.unstarted[number] = self._fail(trial, error)
 
     def _count_prior_calls(self) -> None:
         # The tests check that a worker step makes one prior call whatever the pack's size.
@@ -323,11 +338,7 @@ class PackWorker:
 
     def advance(self, seconds: float) -> dict[str, Any]:
         """Step the pack for about `seconds`, or until a trial ends; every trial's report."""
-        ended = {
-            number: TrialReport(number, 0, 0, error=error, pid=os.getpid())
-            for number, error in self.unstarted.items()
-        }
-        self.unstarted = {}
+        ended, self.unstarted = dict(self.unstarted), {}
         started, steps, calls = time.monotonic(), 0, self.prior_calls
         most = len(self.pack)
         while self.pack and not ended and time.monotonic() - started < seconds:
@@ -368,15 +379,18 @@ class PackWorker:
                 return None
             if any(r.position < len(trial.panel) for r in trial.replicates):
                 return None  # other replicates still training
-            value, sem = trial.final()
-            metrics = {OBJECTIVE: value} | ({SEM: sem} if sem is not None else {})
-            trial.run.log_metrics(trial.total_steps, metrics, force=True)
-            trial.run.finish("FINISHED")
-            return TrialReport(
-                trial.number, trial.total_steps, trial.total_steps, value, value, sem, pid=os.getpid()
-            )
+            return self._complete(trial)
         except Exception as error:  # this trial alone fails: its replicates leave, the pack goes on
             return self._fail(trial, error)
+
+    def _complete(self, trial: PackedTrial) -> TrialReport:
+        value, sem = trial.final()
+        metrics = {OBJECTIVE: value} | ({SEM: sem} if sem is not None else {})
+        trial.run.log_metrics(trial.total_steps, metrics, force=True)
+        trial.run.finish("FINISHED")
+        self.trials.pop(trial.number, None)
+        total = trial.total_steps
+        return TrialReport(trial.number, total, total, value, value, sem, pid=os.getpid())
 
     def _fail(self, trial: PackedTrial, error: BaseException) -> TrialReport:
         text = "".join(traceback.format_exception(error))[-4000:]
