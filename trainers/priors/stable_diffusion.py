@@ -31,6 +31,7 @@ from trainers.priors.base import (
     resolve_device,
     resolve_fast_paths,
 )
+from trainers.priors.cuda_graph import GraphedCall
 
 REQUIRED_SUBFOLDERS = ("unet", "text_encoder", "tokenizer", "scheduler")
 # Prompts repeat every step (the prompt, its view suffixes and ""), so their embeddings are cached;
@@ -95,6 +96,10 @@ class StableDiffusionPrior(DiffusionPrior):
             to_rgb = torch.tensor(LATENT_TO_RGB, dtype=torch.float32)
             self._rgb_to_latent = torch.linalg.pinv(to_rgb).to(device)  # [3, 4]
         self._text_cache: OrderedDict[str, torch.Tensor] = OrderedDict()
+        # prior.cuda_graph: the UNet call replayed from CUDA graphs (eager when autograd is on).
+        self.graphed_unet: GraphedCall | None = None
+        if fast_paths is not None and fast_paths.cuda_graph:
+            self.graphed_unet = GraphedCall(self._unet_forward)
 
     # ------------------------------------------------------------------------------------------------
     # Loading
@@ -114,6 +119,7 @@ class StableDiffusionPrior(DiffusionPrior):
             attention=cfg.attention,
             channels_last=cfg.channels_last,
             compile_unet=cfg.compile_unet,
+            cuda_graph=cfg.cuda_graph,
         )
 
     @classmethod
@@ -129,15 +135,20 @@ class StableDiffusionPrior(DiffusionPrior):
         attention: str = "auto",
         channels_last: bool | None = None,
         compile_unet: bool = False,
+        cuda_graph: bool = False,
     ) -> StableDiffusionPrior:
         """Load a hub id or local directory in the SD layout; configs are checked before any weights load.
 
-        dtype, attention, channels_last and compile_unet are the fast-path keys of `PriorConfig`,
+        dtype, attention, channels_last, compile_unet and cuda_graph are the fast-path keys of `PriorConfig`,
         resolved against the device by `resolve_fast_paths` (which warns when it falls back).
         """
         device = resolve_device(device)
         asked = PriorConfig(
-            dtype=dtype, attention=attention, channels_last=channels_last, compile_unet=compile_unet
+            dtype=dtype,
+            attention=attention,
+            channels_last=channels_last,
+            compile_unet=compile_unet,
+            cuda_graph=cuda_graph,
         )
         fast = resolve_fast_paths(asked, DeviceCapabilities.probe(device))
         torch_dtype = fast.dtype
@@ -284,18 +295,32 @@ class StableDiffusionPrior(DiffusionPrior):
             # embedding) on an fp16 UNet: cast to that module's dtype, not the prior's.
             if class_labels.is_floating_point():
                 class_labels = class_labels.to(self._class_embedding_dtype())
+        call = self._unet_forward
+        if self.graphed_unet is not None and self._graphable():
+            call = self.graphed_unet
         with out_of_memory_hint("the UNet forward"):
-            output = self.unet(
+            output = call(
                 x_t.to(self.device, self.dtype, memory_format=self._memory_format()),
                 t,
-                encoder_hidden_states=text_embeddings.to(self.device, self.dtype),
-                class_labels=class_labels,
-                return_dict=False,
-            )[0].float()
+                text_embeddings.to(self.device, self.dtype),
+                class_labels,
+            )
         channels = x_t.shape[1]
         if output.shape[1] == 2 * channels:  # a learned-variance UNet: ε first, then the variance
             output = output[:, :channels]
         return self._as_epsilon(output, x_t.to(self.device, torch.float32), t)
+
+    def _unet_forward(
+        self, x_t: torch.Tensor, t: torch.Tensor, embeddings: torch.Tensor, class_labels: torch.Tensor | None
+    ) -> torch.Tensor:
+        return self.unet(
+            x_t, t, encoder_hidden_states=embeddings, class_labels=class_labels, return_dict=False
+        )[0].float()
+
+    def _graphable(self) -> bool:
+        # A replay has no backward (VSD's LoRA fit runs with autograd on), and LoRA adapters switched on
+        # and off change the kernels a graph recorded.
+        return not torch.is_grad_enabled() and not getattr(self.unet, "peft_config", None)
 
     def _memory_format(self) -> torch.memory_format:
         channels_last = self.fast_paths is not None and self.fast_paths.channels_last
@@ -336,6 +361,7 @@ class StableDiffusionPrior(DiffusionPrior):
                 "attention": self.fast_paths.attention,
                 "channels_last": self.fast_paths.channels_last,
                 "compile_unet": self.fast_paths.compile_unet,
+                "cuda_graph": self.fast_paths.cuda_graph,
             }
         return {
             "source": self.source,
