@@ -5,6 +5,7 @@ come from tests/benchmarks/gpu_check.sh (stage sweep_gpu)."""
 
 from __future__ import annotations
 
+import os
 import types
 
 import pytest
@@ -50,6 +51,7 @@ def test_a_trial_end_is_reported_against_the_baseline_after_the_prior_load(devic
         "worker/cuda_baseline_mib": 2480.0,
         "worker/cuda_device_used_mib": 3300.0,
         "worker/cuda_device_baseline_mib": 3100.0,
+        "worker/cuda_pid": float(os.getpid()),
     }
 
 

@@ -16,6 +16,7 @@ what hands an ended trial's memory back before the next trial starts.
 from __future__ import annotations
 
 import gc
+import os
 
 BASELINE_MIB: dict[str, float] = {}
 
@@ -50,4 +51,5 @@ def trial_end_metrics() -> dict[str, float]:
         "worker/cuda_baseline_mib": BASELINE_MIB.get("allocated", nan),
         "worker/cuda_device_used_mib": now["device_used"],
         "worker/cuda_device_baseline_mib": BASELINE_MIB.get("device_used", nan),
+        "worker/cuda_pid": float(os.getpid()),  # which worker: growth is per worker, over its trials
     }

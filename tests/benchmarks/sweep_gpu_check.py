@@ -266,14 +266,22 @@ def check(args: argparse.Namespace, smi: SmiSampler) -> tuple[list[str], bool]:
                 f"{'-' if smi_mib is None else f'{smi_mib:.0f}'} |"
             )
         within = all(o <= TOLERANCE_MIB for o, _ in overs)
-        growth = overs[-1][0] - overs[0][0]
+        # Growth: per worker (a reused worker's trials in order), from its first trial's end to its last.
+        by_worker: dict[float, list[float]] = {}
+        for _, _, m, _ in memory_rows:
+            by_worker.setdefault(m.get("worker/cuda_pid", 0.0), []).append(
+                m["worker/cuda_allocated_mib"] - m["worker/cuda_baseline_mib"]
+            )
+        growth = max(values[-1] - values[0] for values in by_worker.values())
         # The device figure counts every worker on the GPU (pack 1: several share it), so it is shown,
         # and torch's allocated memory per worker decides.
         ok &= within and growth <= TOLERANCE_MIB
         lines += [
             "",
             f"- allocated at every trial's end within {TOLERANCE_MIB:.0f} MiB of the baseline: {'ok' if within else 'NO'}; "
-            f"growth from the first trial's end to the last: {growth:+.0f} MiB ({'ok' if growth <= TOLERANCE_MIB else 'NO'})",
+            f"largest growth from a worker's first trial's end to its last ({len(by_worker)} workers, "
+            f"{max(len(v) for v in by_worker.values())} trials at most each): {growth:+.0f} MiB "
+            f"({'ok' if growth <= TOLERANCE_MIB else 'NO'})",
         ]
     if smi.samples:
         used = [mib for _, mib in smi.samples]
