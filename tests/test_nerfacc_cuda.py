@@ -89,7 +89,7 @@ def test_a_build_that_never_finishes_times_out_naming_the_process_that_holds_it(
         fcntl.flock(held, fcntl.LOCK_EX)
         held.write("4242")
         held.flush()
-        with pytest.raises(TimeoutError, match=r"process 4242 did not finish within 0 s"):
+        with pytest.raises(TimeoutError, match=r"build in process 4242 did not finish within 0 s"):
             ensure_nerfacc_cuda(
                 stand_in_build(tmp_path),
                 lock_path=tmp_path / "build.lock",
@@ -97,7 +97,7 @@ def test_a_build_that_never_finishes_times_out_naming_the_process_that_holds_it(
                 poll_s=0.01,
                 log=messages.append,
             )
-    assert messages and "waiting for the CUDA build of process 4242" in messages[0]
+    assert messages and "waiting for nerfacc's CUDA build in process 4242" in messages[0]
     assert not (tmp_path / "calls.jsonl").exists()
 
 

@@ -15,14 +15,13 @@ project uses); it is cheap after the first call.
 
 from __future__ import annotations
 
-import fcntl
 import importlib
-import os
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+from trainers.node_lock import node_lock
 
 BACKEND = "nerfacc.cuda._backend"
 _BUILT: dict[str, Any] = {}
@@ -57,39 +56,7 @@ def ensure_nerfacc_cuda(
     if build is import_backend and BACKEND in sys.modules:  # imported before this was first called
         _BUILT["result"] = sys.modules[BACKEND]._C
         return _BUILT["result"]
-    log = log or (lambda message: print(message, file=sys.stderr, flush=True))
-    lock_path = lock_path or build_lock_path()
-    lock_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(lock_path, "a+") as lock:
-        deadline, told = time.monotonic() + timeout_s, False
-        while True:
-            try:
-                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if not told:
-                    lock.seek(0)
-                    holder = lock.read().strip() or "unknown"
-                    log(f"nerfacc: waiting for the CUDA build of process {holder} ({lock_path})")
-                    told = True
-                if time.monotonic() > deadline:
-                    lock.seek(0)
-                    # flock is released when its holder exits, even by kill -9: the build is still going.
-                    raise TimeoutError(
-                        f"nerfacc's CUDA build by process {lock.read().strip() or 'unknown'} did not finish "
-                        f"within {timeout_s:.0f} s (lock {lock_path}); is that process stuck in nvcc?"
-                    ) from None
-                time.sleep(poll_s)
-        try:
-            lock.seek(0)
-            lock.truncate()
-            lock.write(str(os.getpid()))
-            lock.flush()
-            started = time.monotonic()
-            result = build()
-            if told:
-                log(f"nerfacc: CUDA build loaded in {time.monotonic() - started:.1f} s after waiting")
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
+    with node_lock(lock_path or build_lock_path(), "nerfacc's CUDA build", timeout_s, poll_s, log):
+        result = build()
     _BUILT["result"] = result
     return result

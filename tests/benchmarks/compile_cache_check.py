@@ -6,10 +6,11 @@
 Starts `--together` worker processes at once, then `--after` more once they are done, all with
 `prior.compile_unet=true` (plus any key=value trainer overrides, e.g. prior.cuda_graph=true) and one
 TORCHINDUCTOR_CACHE_DIR (FX-graph and AOT-autograd caches on). Each worker loads the prior and makes the
-prior call twice at the packed shape (`--rows` rows: K members x 3 for ASD). It reports its start-up:
-seconds from its launch to its first call done (imports, the prior load, the compilation or the cache
-hit), and the first call alone. Workers that start together show whether they race on the cache (both
-compile); the later ones show a warm cache (target: their first call <= 5 s).
+prior call three times at the packed shape (`--rows` rows: K members x 3 for ASD). It reports its
+start-up: seconds from its launch to its first call done (imports, the prior load, the compilation or
+the cache hit), and the first call alone. The first compiled call runs under a lock beside the cache
+(one process per node at a time), so of workers that start together one compiles and the others wait,
+then load its compilation; a later worker finds the cache warm (target: its first call <= 5 s).
 """
 
 from __future__ import annotations

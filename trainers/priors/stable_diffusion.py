@@ -11,7 +11,10 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 from collections import OrderedDict
+from collections.abc import Iterator
+from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -22,6 +25,7 @@ from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
 
 from trainers.config_base import ConfigError
 from trainers.hub import HUB_ID, download_hint, hub_offline, hub_reachable
+from trainers.node_lock import node_lock
 from trainers.priors.base import (
     DeviceCapabilities,
     DiffusionPrior,
@@ -46,6 +50,17 @@ LATENT_TO_RGB = (
     (-0.2829, 0.1762, 0.2721),
     (-0.2120, -0.2616, -0.7177),
 )
+
+
+def compile_lock_path() -> Path:
+    """The lock beside Inductor's cache on local disk (TORCHINDUCTOR_CACHE_DIR, else torch's default)."""
+    try:
+        from torch._inductor.runtime.cache_dir_utils import cache_dir
+    except ImportError:  # older torch: the environment variable or the temporary folder
+        root = os.environ.get("TORCHINDUCTOR_CACHE_DIR") or tempfile.gettempdir()
+    else:
+        root = cache_dir()
+    return Path(root) / "dreamsweep-unet-compile.lock"
 
 
 class HubUnreachableError(ConfigError):
@@ -96,6 +111,7 @@ class StableDiffusionPrior(DiffusionPrior):
             to_rgb = torch.tensor(LATENT_TO_RGB, dtype=torch.float32)
             self._rgb_to_latent = torch.linalg.pinv(to_rgb).to(device)  # [3, 4]
         self._text_cache: OrderedDict[str, torch.Tensor] = OrderedDict()
+        self._compiled_once = False  # prior.compile_unet: whether the first (compiling) call is done
         # prior.cuda_graph: the UNet call replayed from CUDA graphs (eager when autograd is on).
         self.graphed_unet: GraphedCall | None = None
         if fast_paths is not None and fast_paths.cuda_graph:
@@ -298,7 +314,7 @@ class StableDiffusionPrior(DiffusionPrior):
         call = self._unet_forward
         if self.graphed_unet is not None and self._graphable():
             call = self.graphed_unet
-        with out_of_memory_hint("the UNet forward"):
+        with out_of_memory_hint("the UNet forward"), self._first_compiled_call():
             output = call(
                 x_t.to(self.device, self.dtype, memory_format=self._memory_format()),
                 t,
@@ -309,6 +325,18 @@ class StableDiffusionPrior(DiffusionPrior):
         if output.shape[1] == 2 * channels:  # a learned-variance UNet: ε first, then the variance
             output = output[:, :channels]
         return self._as_epsilon(output, x_t.to(self.device, torch.float32), t)
+
+    @contextmanager
+    def _first_compiled_call(self) -> Iterator[None]:
+        """The first call of a compiled UNet compiles it (tens of seconds at SD size): one process per
+        node at a time, so that workers starting together compile once and the others load that
+        compilation from Inductor's cache on local disk instead of compiling again."""
+        if self.fast_paths is None or not self.fast_paths.compile_unet or self._compiled_once:
+            yield
+            return
+        with node_lock(compile_lock_path(), "the first call of the compiled UNet (torch.compile)"):
+            yield
+        self._compiled_once = True
 
     def _unet_forward(
         self, x_t: torch.Tensor, t: torch.Tensor, embeddings: torch.Tensor, class_labels: torch.Tensor | None
