@@ -17,6 +17,9 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+# Seconds this process waited for each lock (by path), for the start-up benchmarks.
+WAITED_S: dict[str, float] = {}
+
 
 def _stderr(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
@@ -58,7 +61,8 @@ def node_lock(
             lock.write(str(os.getpid()))
             lock.flush()
             if waited_since is not None:
-                log(f"{what}: waited {time.monotonic() - waited_since:.1f} s for another process")
+                WAITED_S[str(path)] = time.monotonic() - waited_since
+                log(f"{what}: waited {WAITED_S[str(path)]:.1f} s for another process")
             yield
         finally:
             fcntl.flock(lock, fcntl.LOCK_UN)

@@ -296,7 +296,7 @@ if "$PY" -c 'import ray, optuna, mlflow' 2>/dev/null; then
   stage sweep_gpu:packed 420 "${SWEEP[@]}" "${PACKED[@]}" --report "$WORK/sweeps.md"
   stage sweep_gpu:pack1 420 "${SWEEP[@]}" --pack 1 --report "$WORK/sweeps.md"
   [[ -f "$WORK/sweeps.md" ]] && report "" "$(cat "$WORK/sweeps.md")"
-else
+elif [[ -z "${GPU_CHECK_ONLY:-}" || " $GPU_CHECK_ONLY " == *" sweep_gpu"* ]]; then
   report "- **sweep_gpu**: skipped: Ray, Optuna or MLflow does not import ($SWEEP_WHEELS)"
 fi
 
