@@ -156,6 +156,33 @@ def test_compile_unet_compiles_the_unet_in_place_so_vsd_still_reaches_its_module
     assert hasattr(prior.unet, "class_embedding") and prior.describe()["compile_unet"] is True
 
 
+def test_the_first_call_of_a_compiled_unet_runs_under_the_node_lock_and_later_calls_do_not(
+    tiny_sd_dir, monkeypatch, tmp_path
+):
+    from trainers.priors import stable_diffusion
+
+    monkeypatch.setattr(base, "_compile_blocker", lambda device: None)
+    monkeypatch.setattr(
+        torch.nn.Module, "compile", lambda self, **kwargs: None
+    )  # eager: seconds, not minutes
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
+    locked = []
+    real_lock = stable_diffusion.node_lock
+
+    def recording_lock(path, what, **kwargs):
+        locked.append((path, what))
+        return real_lock(path, what, **kwargs)
+
+    monkeypatch.setattr(stable_diffusion, "node_lock", recording_lock)
+    prior = StableDiffusionPrior.from_pretrained(tiny_sd_dir, device="cpu", compile_unet=True)
+    x_t, t, text = torch.randn(2, 4, 32, 32), torch.tensor([500, 20]), prior.encode_text(["a", "b"])
+    with torch.no_grad():
+        prior.predict_noise(x_t, t, text)
+        prior.predict_noise(x_t, t, text)
+    assert len(locked) == 1 and "compiled UNet" in locked[0][1]
+    assert locked[0][0] == tmp_path / "dreamsweep-unet-compile.lock"  # beside Inductor's cache
+
+
 def test_a_bf16_prior_on_the_cpu_computes_in_bf16_and_hands_out_float32(tiny_sd_dir):
     prior = StableDiffusionPrior.from_pretrained(tiny_sd_dir, device="cpu", dtype="bf16")
     assert prior.dtype == torch.bfloat16

@@ -28,6 +28,7 @@ from torch import nn
 
 from trainers.cameras import CameraBatch, generate_rays
 from trainers.config_base import ConfigBase
+from trainers.nerfacc_cuda import ensure_nerfacc_cuda
 
 # ---------------------------------------------------------------------------------------------------
 # Background
@@ -177,7 +178,11 @@ class VolumeRenderer(nn.Module):
         if fallback and not self._warned_fallback:
             warnings.warn(fallback, EstimatorFallback, stacklevel=2)
             self._warned_fallback = True
-        return self.estimator is not None and sampler == "occgrid"
+        occgrid = self.estimator is not None and sampler == "occgrid"
+        if occgrid and device.type == "cuda":
+            # nerfacc's grid kernels are built on their first use: once per node, not once per worker.
+            ensure_nerfacc_cuda()
+        return occgrid
 
     def update_step(self, step: int) -> None:
         """Refresh the occupancy grid on the steps `occgrid_update_due` picks; a no-op without it (CPU).

@@ -35,6 +35,7 @@ import ray
 import yaml
 from ray import tune
 
+from orchestrator.run import worker_memory
 from orchestrator.spec.space import PROMPT_INDEX, resolve_params
 from orchestrator.track import tracking
 
@@ -114,6 +115,7 @@ def cached_prior(context: SweepContext, config) -> Any:
     if key not in _PRIOR_CACHE:
         _PRIOR_CACHE[key] = import_function(context.load_prior_fn)(config.prior, device)
         PRIOR_LOADS["count"] += 1
+        worker_memory.record_baseline()
     return _PRIOR_CACHE[key]
 
 
@@ -259,7 +261,8 @@ def run_trial(config: dict[str, Any], context: SweepContext) -> None:
                 run.log_artifact(Path(result.last_checkpoint), hooks.folder("checkpoint"))
 
         value = aggregate(state["finals"], context.aggregate)
-        run.log_metrics(len(panel) * steps_per_prompt, {OBJECTIVE: value}, force=True)
+        memory = worker_memory.trial_end_metrics()  # GPU memory back at the worker's baseline?
+        run.log_metrics(len(panel) * steps_per_prompt, {OBJECTIVE: value, **memory}, force=True)
         # Finished before the last report: once Tune sees the trial complete, its run is closed, and a
         # run the driver finds still RUNNING then can only be one that Tune stopped early.
         run.finish("FINISHED")
@@ -274,6 +277,7 @@ def run_trial(config: dict[str, Any], context: SweepContext) -> None:
                 "trial/entered_at": entered_at,
                 "trial/left_at": time.time(),
                 **worker,
+                **memory,
             }
         )
     except SystemExit:

@@ -55,6 +55,11 @@ class PriorConfig(ConfigBase):
     # Needs Triton on CUDA and a C++ compiler on the CPU; each change of input shape recompiles, and
     # VSD's LoRA switching on and off may recompile too.
     compile_unet: bool = False
+    # Opt-in: replay the batched UNet call from CUDA graphs captured at its packed row count (one launch
+    # instead of thousands; trainers/priors/cuda_graph.py). A call with fewer rows (a pack with an empty
+    # slot) pads to the captured size; autograd through the UNet (VSD) runs eagerly. CUDA only: elsewhere
+    # it falls back to the eager call with a FastPathFallback warning.
+    cuda_graph: bool = False
     # Where built-in priors are written once and hub downloads are cached; None: ~/.cache/dreamsweep.
     cache_dir: str | None = None
     # Settings of `name: reference` (views cached per prompt, the unconditional set, ...); unused otherwise.
@@ -148,6 +153,7 @@ class FastPaths:
     attention: Literal["sdpa", "default"]
     channels_last: bool
     compile_unet: bool
+    cuda_graph: bool = False
     fallbacks: tuple[str, ...] = ()  # one sentence per asked-for path that the device could not honour
 
 
@@ -185,9 +191,16 @@ def resolve_fast_paths(cfg: PriorConfig, caps: DeviceCapabilities) -> FastPaths:
             "prior.compile_unet=false to silence this"
         )
 
+    cuda_graph = cfg.cuda_graph and cuda
+    if cfg.cuda_graph and not cuda:
+        fallbacks.append(
+            f"prior.cuda_graph=true: CUDA graphs need a CUDA device, and this one is {caps.device_type}; the "
+            "UNet runs eagerly. Set prior.cuda_graph=false to silence this"
+        )
+
     for message in fallbacks:
         warnings.warn(message, FastPathFallback, stacklevel=3)
-    return FastPaths(dtype, attention, channels_last, compile_unet, tuple(fallbacks))
+    return FastPaths(dtype, attention, channels_last, compile_unet, cuda_graph, tuple(fallbacks))
 
 
 # ----------------------------------------------------------------------------------------------------

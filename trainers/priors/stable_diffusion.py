@@ -11,7 +11,10 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 from collections import OrderedDict
+from collections.abc import Iterator
+from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -22,6 +25,7 @@ from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
 
 from trainers.config_base import ConfigError
 from trainers.hub import HUB_ID, download_hint, hub_offline, hub_reachable
+from trainers.node_lock import node_lock
 from trainers.priors.base import (
     DeviceCapabilities,
     DiffusionPrior,
@@ -31,6 +35,7 @@ from trainers.priors.base import (
     resolve_device,
     resolve_fast_paths,
 )
+from trainers.priors.cuda_graph import GraphedCall
 
 REQUIRED_SUBFOLDERS = ("unet", "text_encoder", "tokenizer", "scheduler")
 # Prompts repeat every step (the prompt, its view suffixes and ""), so their embeddings are cached;
@@ -45,6 +50,17 @@ LATENT_TO_RGB = (
     (-0.2829, 0.1762, 0.2721),
     (-0.2120, -0.2616, -0.7177),
 )
+
+
+def compile_lock_path() -> Path:
+    """The lock beside Inductor's cache on local disk (TORCHINDUCTOR_CACHE_DIR, else torch's default)."""
+    try:
+        from torch._inductor.runtime.cache_dir_utils import cache_dir
+    except ImportError:  # older torch: the environment variable or the temporary folder
+        root = os.environ.get("TORCHINDUCTOR_CACHE_DIR") or tempfile.gettempdir()
+    else:
+        root = cache_dir()
+    return Path(root) / "dreamsweep-unet-compile.lock"
 
 
 class HubUnreachableError(ConfigError):
@@ -95,6 +111,11 @@ class StableDiffusionPrior(DiffusionPrior):
             to_rgb = torch.tensor(LATENT_TO_RGB, dtype=torch.float32)
             self._rgb_to_latent = torch.linalg.pinv(to_rgb).to(device)  # [3, 4]
         self._text_cache: OrderedDict[str, torch.Tensor] = OrderedDict()
+        self._compiled_once = False  # prior.compile_unet: whether the first (compiling) call is done
+        # prior.cuda_graph: the UNet call replayed from CUDA graphs (eager when autograd is on).
+        self.graphed_unet: GraphedCall | None = None
+        if fast_paths is not None and fast_paths.cuda_graph:
+            self.graphed_unet = GraphedCall(self._unet_forward)
 
     # ------------------------------------------------------------------------------------------------
     # Loading
@@ -114,6 +135,7 @@ class StableDiffusionPrior(DiffusionPrior):
             attention=cfg.attention,
             channels_last=cfg.channels_last,
             compile_unet=cfg.compile_unet,
+            cuda_graph=cfg.cuda_graph,
         )
 
     @classmethod
@@ -129,15 +151,20 @@ class StableDiffusionPrior(DiffusionPrior):
         attention: str = "auto",
         channels_last: bool | None = None,
         compile_unet: bool = False,
+        cuda_graph: bool = False,
     ) -> StableDiffusionPrior:
         """Load a hub id or local directory in the SD layout; configs are checked before any weights load.
 
-        dtype, attention, channels_last and compile_unet are the fast-path keys of `PriorConfig`,
+        dtype, attention, channels_last, compile_unet and cuda_graph are the fast-path keys of `PriorConfig`,
         resolved against the device by `resolve_fast_paths` (which warns when it falls back).
         """
         device = resolve_device(device)
         asked = PriorConfig(
-            dtype=dtype, attention=attention, channels_last=channels_last, compile_unet=compile_unet
+            dtype=dtype,
+            attention=attention,
+            channels_last=channels_last,
+            compile_unet=compile_unet,
+            cuda_graph=cuda_graph,
         )
         fast = resolve_fast_paths(asked, DeviceCapabilities.probe(device))
         torch_dtype = fast.dtype
@@ -284,18 +311,44 @@ class StableDiffusionPrior(DiffusionPrior):
             # embedding) on an fp16 UNet: cast to that module's dtype, not the prior's.
             if class_labels.is_floating_point():
                 class_labels = class_labels.to(self._class_embedding_dtype())
-        with out_of_memory_hint("the UNet forward"):
-            output = self.unet(
+        call = self._unet_forward
+        if self.graphed_unet is not None and self._graphable():
+            call = self.graphed_unet
+        with out_of_memory_hint("the UNet forward"), self._first_compiled_call():
+            output = call(
                 x_t.to(self.device, self.dtype, memory_format=self._memory_format()),
                 t,
-                encoder_hidden_states=text_embeddings.to(self.device, self.dtype),
-                class_labels=class_labels,
-                return_dict=False,
-            )[0].float()
+                text_embeddings.to(self.device, self.dtype),
+                class_labels,
+            )
         channels = x_t.shape[1]
         if output.shape[1] == 2 * channels:  # a learned-variance UNet: ε first, then the variance
             output = output[:, :channels]
         return self._as_epsilon(output, x_t.to(self.device, torch.float32), t)
+
+    @contextmanager
+    def _first_compiled_call(self) -> Iterator[None]:
+        """The first call of a compiled UNet compiles it (tens of seconds at SD size): one process per
+        node at a time, so that workers starting together compile once and the others load that
+        compilation from Inductor's cache on local disk instead of compiling again."""
+        if self.fast_paths is None or not self.fast_paths.compile_unet or self._compiled_once:
+            yield
+            return
+        with node_lock(compile_lock_path(), "the first call of the compiled UNet (torch.compile)"):
+            yield
+        self._compiled_once = True
+
+    def _unet_forward(
+        self, x_t: torch.Tensor, t: torch.Tensor, embeddings: torch.Tensor, class_labels: torch.Tensor | None
+    ) -> torch.Tensor:
+        return self.unet(
+            x_t, t, encoder_hidden_states=embeddings, class_labels=class_labels, return_dict=False
+        )[0].float()
+
+    def _graphable(self) -> bool:
+        # A replay has no backward (VSD's LoRA fit runs with autograd on), and LoRA adapters switched on
+        # and off change the kernels a graph recorded.
+        return not torch.is_grad_enabled() and not getattr(self.unet, "peft_config", None)
 
     def _memory_format(self) -> torch.memory_format:
         channels_last = self.fast_paths is not None and self.fast_paths.channels_last
@@ -336,6 +389,7 @@ class StableDiffusionPrior(DiffusionPrior):
                 "attention": self.fast_paths.attention,
                 "channels_last": self.fast_paths.channels_last,
                 "compile_unet": self.fast_paths.compile_unet,
+                "cuda_graph": self.fast_paths.cuda_graph,
             }
         return {
             "source": self.source,
