@@ -44,6 +44,7 @@ import ray
 from optuna.trial import TrialState
 
 from orchestrator.internals import optuna_trial_id, tell_outside_optimize
+from orchestrator.run import worker_memory
 from orchestrator.run.trainable import (
     OBJECTIVE,
     SweepContext,
@@ -386,9 +387,11 @@ class PackWorker:
     def _complete(self, trial: PackedTrial) -> TrialReport:
         value, sem = trial.final()
         metrics = {OBJECTIVE: value} | ({SEM: sem} if sem is not None else {})
+        self.trials.pop(trial.number, None)
+        # GPU memory back at the worker's baseline once the trial's members are gone ({} off CUDA).
+        metrics |= worker_memory.trial_end_metrics()
         trial.run.log_metrics(trial.total_steps, metrics, force=True)
         trial.run.finish("FINISHED")
-        self.trials.pop(trial.number, None)
         total = trial.total_steps
         return TrialReport(trial.number, total, total, value, value, sem, pid=os.getpid())
 
