@@ -28,6 +28,7 @@ from trainers.evaluation.config import EvaluationConfig
 from trainers.geometry.implicit_volume import ImplicitVolumeConfig
 from trainers.guidance import GuidanceConfig
 from trainers.priors.base import PriorConfig
+from trainers.reference.config import EXACT_REFERENCE_PRIORS
 from trainers.rendering import BackgroundConfig, RendererConfig
 
 
@@ -92,7 +93,7 @@ class TrainConfig(ConfigBase):
     @model_validator(mode="after")
     def _fixed_views_are_the_reference_priors(self) -> TrainConfig:
         # Fixed training views only help if they are the views the reference prior rendered.
-        if self.camera.fixed_views and self.prior.name.startswith("reference"):
+        if self.camera.fixed_views and self.prior.name in EXACT_REFERENCE_PRIORS:
             reference = self.prior.reference
             ranges = ("elevation_range", "azimuth_range", "distance_range", "fovy_range")
             if self.camera.fixed_views != reference.n_views or any(

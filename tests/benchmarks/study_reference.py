@@ -4,6 +4,8 @@
     python tests/benchmarks/study_reference.py --group quickstart --out docs/study
     python tests/benchmarks/study_reference.py --group methods --out docs/study
     python tests/benchmarks/study_reference.py --report --out docs/study      # tables + plots only
+    python tests/benchmarks/study_reference.py --group long --lengths 150,600 \
+        --config sweeps/configs/reference_learned_cpu.yaml --out docs/study_learned   # the learned prior
 
 Each run trains one scene prompt with `--config` (default `sweeps/configs/reference_cpu.yaml`) and only
 the studied knobs changed, for `max_steps` steps (the annealed t range spans the run), and scores the
@@ -211,6 +213,8 @@ def run_group(args: argparse.Namespace, group: str) -> None:
     todo = [task for task in group_tasks(group, args.seeds) if task.key not in done]
     if args.only_seed is not None:
         todo = [task for task in todo if task.seed == args.only_seed]
+    if args.lengths:
+        todo = [task for task in todo if task.max_steps in args.lengths]
     print(f"{group}: {len(todo)} runs to do ({len(done)} recorded in {path})", flush=True)
     if not todo:
         return
@@ -406,6 +410,12 @@ def main() -> None:
         "--reverse",
         action="store_true",
         help="take the runs in reverse order (a second process on the same seed)",
+    )
+    parser.add_argument(
+        "--lengths",
+        type=lambda text: [int(v) for v in text.split(",")],
+        default=None,
+        help="run only the runs of these lengths, e.g. 150,600 (a reduced study)",
     )
     parser.add_argument("--report", action="store_true", help="only write the tables and plots")
     parser.add_argument("overrides", nargs="*", help="dotted key=value trainer overrides for every run")

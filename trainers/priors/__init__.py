@@ -2,7 +2,8 @@
 
 - "tiny-sd": random weights in the Stable Diffusion layout, built once into the cache directory.
 - "sd21-shaped": random weights in exactly SD 2.1-base's architecture (real sizes, for speed and memory).
-- "reference": the exact prior of the procedural scenes (`trainers.reference.prior`).
+- "reference", "reference-mv": the exact priors of the procedural scenes (`trainers.reference.prior`).
+- "reference-learned": a UNet trained on those scenes, shipped in the repository (`trainers.reference.learned`).
 - anything else: a hub id or a local directory in the Stable Diffusion layout.
 
 diffusers and transformers take seconds to import, so they are imported only when a prior is loaded:
@@ -17,7 +18,7 @@ import torch
 
 from trainers.config_base import ConfigError
 from trainers.priors.base import DiffusionPrior, PriorConfig, default_cache_dir, resolve_device
-from trainers.reference.config import REFERENCE_PRIORS
+from trainers.reference.config import EXACT_REFERENCE_PRIORS, LEARNED_REFERENCE_PRIOR, REFERENCE_PRIORS
 
 if TYPE_CHECKING:
     from trainers.priors.stable_diffusion import StableDiffusionPrior
@@ -39,8 +40,12 @@ BUILTIN_PRIORS = ("tiny-sd", "sd21-shaped", *REFERENCE_PRIORS)
 def load_prior(cfg: PriorConfig, device: torch.device | str | None = None) -> DiffusionPrior:
     """The prior `cfg.name` names, frozen, on `device` (None / "auto": CUDA when present)."""
     device = resolve_device(device)
-    if cfg.name in REFERENCE_PRIORS:
+    if cfg.name in EXACT_REFERENCE_PRIORS:
         return _reference_prior_class().from_config(cfg, device=device)
+    if cfg.name == LEARNED_REFERENCE_PRIOR:
+        from trainers.reference.learned.prior import LearnedReferencePrior
+
+        return LearnedReferencePrior.from_config(cfg, device)
 
     from trainers.priors.stable_diffusion import StableDiffusionPrior
 

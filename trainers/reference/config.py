@@ -10,9 +10,13 @@ from trainers.config_base import ConfigBase
 from trainers.reference.scenes import SceneConfig, parse_prompt
 from trainers.reference.text_encoder import TextEncoderConfig
 
-# `prior.name` of the reference priors: text-conditioned (Stable-Diffusion-like) and camera-conditioned
-# (MVDream-like); see trainers.reference.prior.
-REFERENCE_PRIORS = ("reference", "reference-mv")
+# `prior.name` of the exact reference priors: text-conditioned (Stable-Diffusion-like) and
+# camera-conditioned (MVDream-like); see trainers.reference.prior.
+EXACT_REFERENCE_PRIORS = ("reference", "reference-mv")
+# The learned one: a UNet trained on the same scenes (trainers.reference.learned).
+LEARNED_REFERENCE_PRIOR = "reference-learned"
+# Every prior of the procedural scenes: their prompts have a ground truth.
+REFERENCE_PRIORS = (*EXACT_REFERENCE_PRIORS, LEARNED_REFERENCE_PRIOR)
 
 
 class ReferencePriorConfig(ConfigBase):
@@ -30,6 +34,9 @@ class ReferencePriorConfig(ConfigBase):
     # κ of the camera-conditioned prior's (reference-mv) weighting exp(κ·cos∠(asked camera, render
     # camera)); about 1/√κ radians (14° at 16) of angular spread around the asked camera.
     camera_sharpness: float = Field(16.0, ge=0.0)
+    # prior.name=reference-learned: its weights directory (diffusers layout); None: the weights shipped in
+    # the repository (trainers/reference/learned/weights). The other keys here are the exact priors'.
+    learned_weights: str | None = None
     scene: SceneConfig = SceneConfig()
     camera: CameraConfig = CameraConfig()
     text_encoder: TextEncoderConfig = TextEncoderConfig()

@@ -1,0 +1,174 @@
+"""The learned reference prior's network, its conditioning, and the weights directory it lives in.
+
+The network is diffusers' `UNet2DConditionModel`, the class Stable Diffusion uses, in pixel space:
+- the prompt enters as cross-attention states, the deterministic `SceneTextEncoder`'s token sequence
+  [N, 16, 64] (all zeros for the empty, unconditional prompt);
+- the camera enters as MVDream does it, through the class embedding added to the timestep embedding
+  (`class_embed_type="projection"`): a 2-layer MLP of `camera_features`, computed from the flattened
+  c2w [B, 16] that guidance passes as `class_labels`, so any camera can be asked, not only 16 views.
+  The field of view is not part of the condition (c2w does not hold it): the prior marginalises over
+  the training fovy range, as the renders it is asked about are drawn from it too.
+
+The weights directory is Stable Diffusion's layout minus the parts a pixel-space prior with a fixed
+text encoder has no weights for:
+
+    model_index.json      {"_class_name": "ReferenceLearnedPipeline", "unet": [...], "scheduler": [...]}
+    unet/                 config.json + diffusion_pytorch_model.safetensors (UNet2DConditionModel)
+    scheduler/            scheduler_config.json (DDPMScheduler, SD's scaled_linear betas)
+    reference_learned.json  how the inputs are made: image size, text encoder, camera features, data
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+from pydantic import Field
+
+from trainers.config_base import ConfigBase
+from trainers.reference.text_encoder import TextEncoderConfig
+
+# Bump when `camera_features` changes meaning: weights trained on other features are refused.
+CAMERA_FEATURES_VERSION = 1
+AZIMUTH_HARMONICS = 4
+ELEVATION_HARMONICS = 2
+# sin/cos of each harmonic of azimuth and elevation, plus the normalised distance.
+N_CAMERA_FEATURES = 2 * AZIMUTH_HARMONICS + 2 * ELEVATION_HARMONICS + 1
+# The distance feature is (d − centre) / half-width of the default training range (1.5, 2.0).
+DISTANCE_CENTRE, DISTANCE_HALF_WIDTH = 1.75, 0.25
+INFO_FILE = "reference_learned.json"
+
+
+class LearnedModelConfig(ConfigBase):
+    """The UNet's shape. Defaults: 16 px, 3 blocks of one layer, cross-attention in the two inner ones."""
+
+    image_size: int = Field(16, ge=8)
+    block_out_channels: tuple[int, ...] = (32, 64, 64)
+    layers_per_block: int = Field(1, ge=1)
+    # Which blocks attend to the text (the others are plain ResNet blocks).
+    cross_attention: tuple[bool, ...] = (False, True, True)
+    attention_head_dim: int = Field(32, ge=1)
+    norm_num_groups: int = Field(16, ge=1)
+    text_encoder: TextEncoderConfig = TextEncoderConfig()
+
+
+def camera_features(c2w: torch.Tensor) -> torch.Tensor:
+    """Flattened c2w [B, 16] (or [B, 4, 4]) -> [B, N_CAMERA_FEATURES]: harmonics of the camera's
+    azimuth and elevation, and its distance, read from its position (the orbit convention of
+    trainers.cameras: position = d·(cos el cos az, cos el sin az, sin el))."""
+    position = c2w.reshape(-1, 4, 4)[:, :3, 3].float()
+    distance = position.norm(dim=-1).clamp(min=1e-6)
+    elevation = torch.asin((position[:, 2] / distance).clamp(-1, 1))
+    azimuth = torch.atan2(position[:, 1], position[:, 0])
+    parts = []
+    for k in range(1, AZIMUTH_HARMONICS + 1):
+        parts += [torch.sin(k * azimuth), torch.cos(k * azimuth)]
+    for k in range(1, ELEVATION_HARMONICS + 1):
+        parts += [torch.sin(k * elevation), torch.cos(k * elevation)]
+    parts.append((distance - DISTANCE_CENTRE) / DISTANCE_HALF_WIDTH)
+    return torch.stack(parts, dim=-1)
+
+
+def unet_kwargs(cfg: LearnedModelConfig) -> dict[str, Any]:
+    if len(cfg.cross_attention) != len(cfg.block_out_channels):
+        raise ValueError("model.cross_attention needs one entry per block of model.block_out_channels")
+    down = tuple("CrossAttnDownBlock2D" if a else "DownBlock2D" for a in cfg.cross_attention)
+    up = tuple("CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(cfg.cross_attention))
+    return dict(
+        sample_size=cfg.image_size,
+        in_channels=3,
+        out_channels=3,
+        down_block_types=down,
+        up_block_types=up,
+        mid_block_type="UNetMidBlock2DCrossAttn",
+        block_out_channels=tuple(cfg.block_out_channels),
+        layers_per_block=cfg.layers_per_block,
+        cross_attention_dim=cfg.text_encoder.dim,
+        attention_head_dim=cfg.attention_head_dim,
+        norm_num_groups=cfg.norm_num_groups,
+        class_embed_type="projection",
+        projection_class_embeddings_input_dim=N_CAMERA_FEATURES,
+    )
+
+
+def build_unet(cfg: LearnedModelConfig, seed: int = 0):
+    """A freshly initialised UNet (seeded, so the untrained baseline is reproducible)."""
+    from diffusers import UNet2DConditionModel
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return UNet2DConditionModel(**unet_kwargs(cfg))
+
+
+def build_scheduler():
+    """SD's training noise schedule (scaled_linear 0.00085 → 0.012, 1000 steps), as a DDPMScheduler."""
+    from diffusers import DDPMScheduler
+
+    return DDPMScheduler(
+        num_train_timesteps=1000,
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        prediction_type="epsilon",
+        clip_sample=False,
+    )
+
+
+def save_weights(unet, cfg: LearnedModelConfig, directory: str | Path, extra: dict[str, Any]) -> Path:
+    """Write the weights directory (SD layout) atomically: into a sibling temp dir, then swapped in."""
+    import shutil
+
+    directory = Path(directory)
+    tmp = directory.with_name(f".{directory.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    unet.save_pretrained(tmp / "unet", safe_serialization=True)
+    build_scheduler().save_pretrained(tmp / "scheduler")
+    from diffusers import __version__ as diffusers_version
+
+    index = {
+        "_class_name": "ReferenceLearnedPipeline",
+        "_diffusers_version": diffusers_version,
+        "unet": ["diffusers", "UNet2DConditionModel"],
+        "scheduler": ["diffusers", "DDPMScheduler"],
+    }
+    (tmp / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
+    info = {
+        "model": cfg.model_dump(mode="json"),
+        "camera_features_version": CAMERA_FEATURES_VERSION,
+        "prediction_type": "epsilon",
+        **extra,
+    }
+    (tmp / INFO_FILE).write_text(json.dumps(info, indent=2) + "\n")
+    old = directory.with_name(f".{directory.name}.old")
+    shutil.rmtree(old, ignore_errors=True)
+    if directory.exists():
+        directory.rename(old)
+    tmp.rename(directory)
+    shutil.rmtree(old, ignore_errors=True)
+    return directory
+
+
+def parameter_count(module: torch.nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def describe_size(n: int) -> str:
+    return f"{n / 1e6:.2f}M" if n >= 1e5 else str(n)
+
+
+__all__ = [
+    "CAMERA_FEATURES_VERSION",
+    "INFO_FILE",
+    "LearnedModelConfig",
+    "N_CAMERA_FEATURES",
+    "build_scheduler",
+    "build_unet",
+    "camera_features",
+    "math",
+    "save_weights",
+    "unet_kwargs",
+]
