@@ -260,10 +260,14 @@ def test_a_packed_sweep_resumes_after_kill_9_with_every_member_at_its_own_checkp
     for number, steps in in_flight.items():  # continued from a checkpoint it had written
         history = client.get_metric_history(runs[number].info.run_id, "trial/resumed_at_step")
         resumed_at = [int(m.value) for m in history]
+        if not resumed_at:
+            # Its worker outlived the killed driver by the seconds Ray takes to reap a dead job's
+            # actors, and finished the trial's last steps; the resumed driver found it finished on disk
+            # and told the study (PackWorker.add). Every step is in MLflow once all the same (above).
+            panel = ws.root / f"ray_results/killed/packed/trial_{number:04d}/replicate_0/panel.json"
+            assert json.loads(panel.read_text())["position"] == 1, (number, steps)
+            continue
         # No Tune snapshot lags behind here: it resumes from the last checkpoint it committed (written,
         # and its steps in MLflow) before the kill, at or after those seen while choosing the moment.
-        assert resumed_at and resumed_at[0] in range(min(steps), MAX_STEPS, CHECKPOINT_EVERY), (
-            resumed_at,
-            steps,
-        )
+        assert resumed_at[0] in range(min(steps), MAX_STEPS, CHECKPOINT_EVERY), (resumed_at, steps)
         assert float(runs[number].data.params["guidance.eta"]) == study.trials[number].params["guidance.eta"]
