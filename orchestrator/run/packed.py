@@ -85,6 +85,7 @@ class Replicate:
     position: int = 0
     finals: list[float] = field(default_factory=list)
     run: Any = None  # the TrainingRun of the current prompt
+    resumed_objective: float | None = None  # the objective it had reached at its resume checkpoint
 
     def state_file(self, directory: Path) -> Path:
         return directory / f"replicate_{self.index}" / PANEL_FILE
@@ -173,7 +174,10 @@ class PackedTrial:
         committed = Path(config.output_dir) / COMMITTED_FILE
         resume = None
         if committed.exists():
-            resume = Path(config.output_dir) / "checkpoints" / json.loads(committed.read_text())["checkpoint"]
+            state = json.loads(committed.read_text())
+            resume = Path(config.output_dir) / "checkpoints" / state["checkpoint"]
+            # Killed after its last checkpoint, a prompt has no step left to report its objective in.
+            replicate.resumed_objective = state.get("objective")
             if not resume.is_dir():  # pruned after a newer one was written: the newest then
                 resume = latest_checkpoint(Path(config.output_dir) / "checkpoints")
         offset = replicate.position * self.steps_per_prompt
@@ -200,7 +204,8 @@ class PackedTrial:
             # the steps before it would never be logged.)
             self.run.flush()
             tmp = committed.with_suffix(".tmp")
-            tmp.write_text(json.dumps({"checkpoint": Path(path).name, "step": step}))
+            objective = self.current.get(replicate.index)
+            tmp.write_text(json.dumps({"checkpoint": Path(path).name, "step": step, "objective": objective}))
             os.replace(tmp, committed)
 
         replicate.run = TrainingRun(
@@ -218,6 +223,8 @@ class PackedTrial:
         """Record a replicate's finished prompt; True when the replicate has finished its panel."""
         final = result.final_metrics.get(self.context.objective_metric)
         if final is None:
+            final = replicate.resumed_objective  # resumed at its last step: nothing left to train
+        if final is None:
             raise RuntimeError(
                 f"the trainer never reported the objective {self.context.objective_metric!r} "
                 f"for prompt {self.panel[replicate.position]}"
@@ -228,6 +235,7 @@ class PackedTrial:
         replicate.finals.append(float(final))
         replicate.position += 1
         replicate.run = None
+        replicate.resumed_objective = None
         self.current.pop(replicate.index, None)
         replicate.save(self.directory)
         return replicate.position >= len(self.panel)
