@@ -69,6 +69,12 @@ def member_run_id(number: int) -> str:
     return f"pack-{number:04d}"
 
 
+def write_json(path: Path, data: dict) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data))
+    os.replace(tmp, path)  # a kill never leaves half a file
+
+
 def trial_dir(trials_root: str, number: int) -> Path:
     return Path(trials_root) / f"trial_{number:04d}"
 
@@ -93,9 +99,7 @@ class Replicate:
     def save(self, directory: Path) -> None:
         path = self.state_file(directory)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"position": self.position, "finals": self.finals}))
-        os.replace(tmp, path)  # a kill never leaves half a file
+        write_json(path, {"position": self.position, "finals": self.finals})
 
     def load(self, directory: Path) -> None:
         path = self.state_file(directory)
@@ -193,20 +197,15 @@ class PackedTrial:
             self.run.log_metrics(offset + step, {prefix + k: v for k, v in metrics.items()})
 
         def on_artifact(step: int, path: Path) -> None:
-            kind = "validation" if Path(path).parent.name == "validation" else "renders"
-            self.run.log_artifact(Path(path), prefix + kind)
-            if kind == "validation":
-                self.run.log_image(Path(path), prefix + "validation", offset + step)
+            self.run.log_trainer_artifact(Path(path), prefix, offset + step)
 
         def on_checkpoint(step: int, path: Path) -> None:
             # A resume starts from the last *committed* checkpoint: one whose steps are all in MLflow.
             # (A checkpoint is on disk before this runs, so a kill in between must not resume from it:
             # the steps before it would never be logged.)
             self.run.flush()
-            tmp = committed.with_suffix(".tmp")
             objective = self.current.get(replicate.index)
-            tmp.write_text(json.dumps({"checkpoint": Path(path).name, "step": step, "objective": objective}))
-            os.replace(tmp, committed)
+            write_json(committed, {"checkpoint": Path(path).name, "step": step, "objective": objective})
 
         replicate.run = TrainingRun(
             config,

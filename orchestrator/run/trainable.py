@@ -359,10 +359,7 @@ class PromptHooks:
 
     @timed_hook
     def on_artifact(self, step: int, path: Path) -> None:
-        kind = "validation" if Path(path).parent.name == "validation" else "renders"
-        self.run.log_artifact(Path(path), self.folder(kind))
-        if kind == "validation":  # also as an image over steps, for MLflow's own image view
-            self.run.log_image(Path(path), self.folder("validation"), self.offset + step)
+        self.run.log_trainer_artifact(Path(path), self.prefix, self.offset + step)
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -313,6 +313,14 @@ class TrialRun:
         else:
             self.client.log_artifact(self.run_id, str(path), artifact_path)
 
+    def log_trainer_artifact(self, path: Path, prefix: str, step: int) -> None:
+        """A file a trainer wrote: validation grids under `<prefix>validation` (also as an image over
+        steps, for MLflow's own image view), anything else under `<prefix>renders`."""
+        kind = "validation" if Path(path).parent.name == "validation" else "renders"
+        self.log_artifact(Path(path), prefix + kind)
+        if kind == "validation":
+            self.log_image(Path(path), prefix + "validation", step)
+
     def log_image(self, path: Path, key: str, step: int) -> None:
         """An image MLflow's UI shows over steps (its image slider), beside the file logged as is."""
         from PIL import Image
