@@ -47,6 +47,7 @@ from orchestrator.internals import optuna_trial_id, tell_outside_optimize
 from orchestrator.run import worker_memory
 from orchestrator.run.trainable import (
     OBJECTIVE,
+    PRIOR_LOADS,
     SweepContext,
     aggregate,
     cached_client,
@@ -61,6 +62,7 @@ from orchestrator.track import tracking
 PANEL_FILE = "panel.json"
 COMMITTED_FILE = "committed_checkpoint.json"  # a member's last checkpoint whose metrics are in MLflow
 ATTEMPTS = "dreamsweep.worker_losses"  # Optuna user attribute: how often a trial's worker died under it
+WAIT_FOR_WORKER_S = 60.0  # how long the driver blocks at once waiting for a worker to start
 SEM = "objective_sem"  # the standard error of a replicated trial's objective (Optuna attr, MLflow metric)
 
 
@@ -108,13 +110,51 @@ class Replicate:
             self.position, self.finals = int(state["position"]), [float(v) for v in state["finals"]]
 
 
+@dataclass
+class WorkerClock:
+    """Where a worker's time went, reported with every advance (the overhead benchmark reads it).
+
+    Wall-clock marks are `time.time()`; durations are `time.perf_counter()` differences."""
+
+    pid: int = field(default_factory=os.getpid)
+    prior_loads: int = 0
+    first_step_at: float | None = None  # when its first pack step began
+    last_step_at: float | None = None  # when its latest pack step ended
+    compute_s: float = 0.0  # inside pack steps, less the trainers' callbacks
+    hooks_s: float = 0.0  # the trainers' callbacks: MLflow metrics and artifacts, checkpoint commits
+
+    def timed(self, callback):
+        def wrapper(*args, **kwargs):
+            started = time.perf_counter()
+            try:
+                return callback(*args, **kwargs)
+            finally:
+                self.hooks_s += time.perf_counter() - started
+
+        return wrapper
+
+    def stepped(self, started: float, seconds: float, hooks_before: float) -> None:
+        self.first_step_at = self.first_step_at or started
+        self.last_step_at = started + seconds
+        self.compute_s += seconds - (self.hooks_s - hooks_before)
+
+
 class PackedTrial:
     """A trial on a worker: its replicates (members of the worker's pack), its MLflow run, its hooks."""
 
-    def __init__(self, context: SweepContext, number: int, params: dict, replicates: int, root: str):
+    def __init__(
+        self,
+        context: SweepContext,
+        number: int,
+        params: dict,
+        replicates: int,
+        root: str,
+        clock: WorkerClock | None = None,
+    ):
         from trainers.config import config_to_dict, load_train_config
 
         self.context, self.number = context, number
+        self.clock = clock or WorkerClock()
         self.directory = trial_dir(root, number)
         panel, overrides = trial_panel(context, params)
         self.panel = panel
@@ -210,9 +250,9 @@ class PackedTrial:
         replicate.run = TrainingRun(
             config,
             prior,
-            on_metrics=on_metrics,
-            on_checkpoint=on_checkpoint,
-            on_artifact=on_artifact,
+            on_metrics=self.clock.timed(on_metrics),
+            on_checkpoint=self.clock.timed(on_checkpoint),
+            on_artifact=self.clock.timed(on_artifact),
             resume_from=resume,
             progress=False,
         )
@@ -293,6 +333,7 @@ class PackWorker:
         self.trials: dict[int, PackedTrial] = {}
         self.prior = None
         self.prior_calls = 0
+        self.clock = WorkerClock()
         # Trials that ended in `add` (failed to start, or found finished): reported by the next advance.
         self.unstarted: dict[int, TrialReport] = {}
 
@@ -303,7 +344,7 @@ class PackWorker:
         """Take trial `number` (new, or resumed from its files) into the pack. A trial that cannot start
         (its config refused, its checkpoint unreadable) is reported failed by the next `advance`."""
         try:
-            trial = PackedTrial(self.context, number, params, replicates, self.trials_root)
+            trial = PackedTrial(self.context, number, params, replicates, self.trials_root, self.clock)
         except Exception as error:
             text = "".join(traceback.format_exception(error))[-4000:]
             self.unstarted[number] = TrialReport(number, 0, 0, error=text, pid=os.getpid())
@@ -312,6 +353,7 @@ class PackWorker:
         try:
             if self.prior is None:
                 self.prior = cached_prior(self.context, trial.configs[0][0])
+                self.clock.prior_loads = PRIOR_LOADS["count"]
                 self._count_prior_calls()
             for replicate in trial.replicates:
                 if replicate.position < len(trial.panel):
@@ -351,7 +393,9 @@ class PackWorker:
         most = len(self.pack)
         while self.pack and not ended and time.monotonic() - started < seconds:
             most = max(most, len(self.pack))
+            step_started, clock_started, hooks_before = time.time(), time.perf_counter(), self.clock.hooks_s
             events = self.pack.step()
+            self.clock.stepped(step_started, time.perf_counter() - clock_started, hooks_before)
             steps += 1
             for (number, index), event in events.items():
                 trial = self.trials.get(number)
@@ -375,6 +419,7 @@ class PackWorker:
             "steps": steps,
             "prior_calls": self.prior_calls - calls,
             "members": most,  # the most members stepped together
+            "clock": self.clock,
         }
 
     def _member_left(self, trial: PackedTrial, replicate: Replicate, event) -> TrialReport | None:
@@ -440,10 +485,29 @@ def pruned(study: optuna.Study, number: int, value: float, step: int, total: int
 
 @dataclass
 class Slot:
-    """A worker as the driver sees it: its actor and the trials it holds."""
+    """A worker as the driver sees it: its actor, whether it has started, and the trials it holds.
+
+    A worker gets trials only once it has started: a replacement for a lost node's worker may wait for
+    a node with a free GPU for a long time, and the trials it would hold go on elsewhere meanwhile."""
 
     actor: Any
     trials: set[int] = field(default_factory=set)
+    started: Any = None  # the actor's first answer (an ObjectRef), then True
+
+    @classmethod
+    def launch(cls, actor_class, *args) -> Slot:
+        actor = actor_class.remote(*args)
+        return cls(actor, started=actor.pid.remote())
+
+    def ready(self, wait_s: float = 0.0) -> bool:
+        """Whether the actor has started; raises RayActorError if it died before it did."""
+        if self.started is not True:
+            done, _ = ray.wait([self.started], timeout=wait_s)
+            if not done:
+                return False
+            ray.get(done[0])
+            self.started = True
+        return True
 
 
 class PackedSweep:
@@ -472,12 +536,12 @@ class PackedSweep:
         self.actor_class = ray.remote(PackWorker).options(
             num_cpus=spec.resources.cpus, num_gpus=spec.resources.gpus, max_restarts=0
         )
-        self.slots = [Slot(self.actor_class.remote(context, trials_root)) for _ in range(n_workers)]
+        self.slots = [Slot.launch(self.actor_class, context, trials_root) for _ in range(n_workers)]
         # Trials the study has RUNNING when this driver starts: their driver died (kill -9, a lost
         # head). They continue from their files first, without counting against `retries`.
         self.orphans = [t.number for t in self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))]
         self.pending_drops: list = []
-        self.stats = {"worker_steps": 0, "prior_calls": 0, "max_members": 0}
+        self.stats = {"worker_steps": 0, "prior_calls": 0, "max_members": 0, "worker_clocks": {}}
 
     # -- which trial next -----------------------------------------------------------------------
 
@@ -502,8 +566,34 @@ class PackedSweep:
 
     # -- the loop ---------------------------------------------------------------------------------
 
+    def more_to_start(self) -> bool:
+        """Whether a trial is waiting for a slot: an orphan, or the search's budget is not spent."""
+        if self.orphans:
+            return True
+        trials = self.study.get_trials(deepcopy=False)
+        if self.spec.kind == "fanout":
+            return len({t.params.get(PROMPT_INDEX) for t in trials}) < self.total
+        return len(trials) < self.total
+
+    def started_slots(self, wait_s: float = 0.0) -> list[Slot]:
+        """The workers that have started; waits up to `wait_s` for one when none has. A worker that
+        died before it started is replaced."""
+        deadline = time.monotonic() + wait_s
+        while True:
+            started = []
+            for slot in self.slots:
+                try:
+                    if slot.ready():
+                        started.append(slot)
+                except ray.exceptions.RayActorError:
+                    self._replace(slot)
+            if started or time.monotonic() >= deadline:
+                return started
+            pending = [slot.started for slot in self.slots if slot.started is not True]
+            ray.wait(pending, timeout=max(0.0, min(5.0, deadline - time.monotonic())))
+
     def fill(self) -> None:
-        for slot in self.slots:
+        for slot in self.started_slots():
             while len(slot.trials) < self.per_worker:
                 chosen = self.next_trial()
                 if chosen is None:
@@ -515,9 +605,21 @@ class PackedSweep:
                     self.progress.started(number, params)
 
     def run(self) -> None:
-        self.fill()
-        while any(slot.trials for slot in self.slots):
+        # Every worker starts at once (imports, then its prior on its first trial): give them a moment
+        # to, so that the first trials spread over all of them instead of the quickest one.
+        ray.wait(
+            [slot.started for slot in self.slots], num_returns=len(self.slots), timeout=WAIT_FOR_WORKER_S
+        )
+        while True:
+            self.fill()
             busy = [slot for slot in self.slots if slot.trials]
+            if not busy:
+                if not self.more_to_start():
+                    break
+                # Trials wait and no worker has started (the sweep's start, or every node was lost):
+                # wait for one, as long as it takes a node to join.
+                self.started_slots(wait_s=WAIT_FOR_WORKER_S)
+                continue
             futures = [slot.actor.advance.remote(self.context.report_every_s) for slot in busy]
             for slot, future in zip(busy, futures, strict=True):
                 try:
@@ -533,9 +635,9 @@ class PackedSweep:
                 self.stats["worker_steps"] += answer["steps"]
                 self.stats["prior_calls"] += answer["prior_calls"]
                 self.stats["max_members"] = max(self.stats["max_members"], answer["members"])
+                self.stats["worker_clocks"][answer["clock"].pid] = answer["clock"]
                 for report in answer["reports"]:
                     self._handle(slot, report)
-            self.fill()
         if self.progress is not None:
             self.progress.finished()
 
@@ -578,7 +680,8 @@ class PackedSweep:
     def _replace(self, slot: Slot) -> None:
         """A worker died (its node was lost): a new one takes its place; its trials continue from their
         files, on whichever worker has a slot first, each at most `retries` times."""
-        slot.actor = self.actor_class.remote(self.context, self.trials_root)
+        fresh = Slot.launch(self.actor_class, self.context, self.trials_root)
+        slot.actor, slot.started = fresh.actor, fresh.started
         for number in sorted(slot.trials):
             attempts = int(self.study.trials[number].user_attrs.get(ATTEMPTS, 0)) + 1
             self._set_attr(number, ATTEMPTS, attempts)

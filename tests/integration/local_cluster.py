@@ -79,6 +79,8 @@ class LocalCluster:
     head: Node | None = None
     workers: list[Node] = field(default_factory=list)
     head_pids: list[int] = field(default_factory=list)
+    worker_env: dict[str, str] = field(default_factory=dict)
+    common = ("--num-cpus=1", "--object-store-memory=80000000", "--disable-usage-stats")  # every node
 
     @property
     def gcs_address(self) -> str:
@@ -135,10 +137,9 @@ class LocalCluster:
             "RAY_AUTH_MODE": "disabled",
         }
         env.pop("RAY_ADDRESS", None)
-        busy = [p for p in range(self.base_port, self.base_port + 20 * (workers + 1)) if not free(p)]
+        busy = [p for p in range(self.base_port, self.base_port + 20) if not free(p)]
         if busy:
             raise RuntimeError(f"ports in use, pick another base port: {busy[:5]}")
-        common = ["--num-cpus=1", "--object-store-memory=80000000", "--disable-usage-stats"]
         head_ports = self._node_ports(0)
         self._ray(
             [
@@ -150,30 +151,41 @@ class LocalCluster:
                 f"--ray-client-server-port={self.base_port + 2}",
                 f"--temp-dir={self.temp_dir}",
                 "--num-gpus=0",
-                *common,
+                *self.common,
                 *(f"--{k}={v}" for k, v in head_ports.items()),
             ],
             env,
         )
         self.head = Node("head", head_ports["node-manager-port"], list(head_ports.values()))
-        for i in range(1, workers + 1):
-            ports = self._node_ports(i)
-            self._ray(
-                [
-                    f"--address={self.gcs_address}",
-                    "--num-gpus=1",
-                    # A temp dir per node, as separate machines have: nodes sharing one would share
-                    # its runtime_resources, and a node unpacking a job's working_dir again would
-                    # replace the folder the driver on the head runs in.
-                    f"--temp-dir={self.temp_dir / f'w{i}'}",
-                    # A resource named after the node, so that tests can tell its Ray node id.
-                    f'--resources={{"{self.marker(i)}": 1}}',
-                    *common,
-                    *(f"--{k}={v}" for k, v in ports.items()),
-                ],
-                env,
-            )
-            self.workers.append(Node(f"worker{i}", ports["node-manager-port"], list(ports.values())))
+        self.worker_env = env
+        for _ in range(workers):
+            self.add_worker()
+
+    def add_worker(self) -> Node:
+        """Start one more worker node (one logical GPU, one CPU), as a cluster replaces a lost machine."""
+        i = len(self.workers) + 1
+        ports = self._node_ports(i)
+        busy = [p for p in range(self.base_port + 20 * i, self.base_port + 20 * (i + 1)) if not free(p)]
+        if busy:
+            raise RuntimeError(f"ports in use, pick another base port: {busy[:5]}")
+        self._ray(
+            [
+                f"--address={self.gcs_address}",
+                "--num-gpus=1",
+                # A temp dir per node, as separate machines have: nodes sharing one would share
+                # its runtime_resources, and a node unpacking a job's working_dir again would
+                # replace the folder the driver on the head runs in.
+                f"--temp-dir={self.temp_dir / f'w{i}'}",
+                # A resource named after the node, so that tests can tell its Ray node id.
+                f'--resources={{"{self.marker(i)}": 1}}',
+                *self.common,
+                *(f"--{k}={v}" for k, v in ports.items()),
+            ],
+            self.worker_env,
+        )
+        node = Node(f"worker{i}", ports["node-manager-port"], list(ports.values()))
+        self.workers.append(node)
+        return node
 
     def stop(self) -> None:
         """Kill every process of this cluster: the nodes' and the head's GCS, dashboard and monitors."""

@@ -1,0 +1,186 @@
+"""Chaos for a packed sweep, in the spirit of Ray's node-failure release test: a sweep of 8 trials,
+two per worker behind one prior call, submitted as a Ray Job to a multi-node cluster on this machine.
+While it runs, the driver is killed with SIGKILL 3 times (and resumed after each) and a worker node's
+processes are killed twice (a new node joins after each, as a cluster replaces a lost machine), at
+moments drawn from a seeded RNG. Then the stores must agree: every trial COMPLETE and none RUNNING in
+Optuna, one MLflow run per trial holding each step of its loss once, up to `max_steps`.
+
+DREAMSWEEP_CHAOS_SEED picks the moments (default 0); a failure prints the seed and the kills it made.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+from pathlib import Path
+
+import mlflow
+import optuna
+import psutil
+import pytest
+import yaml
+from optuna.trial import TrialState
+from ray.util.state import list_actors
+
+from orchestrator.track import tracking
+from tests.integration.conftest import start_cluster
+from tests.integration.sweeps import run_cli, wait_for, wait_for_job
+
+pytestmark = pytest.mark.slow
+ROOT = Path(__file__).resolve().parents[2]
+NAME, TRIALS, STEPS, CHECKPOINT_EVERY = "chaos", 8, 40, 4
+SEED = int(os.environ.get("DREAMSWEEP_CHAOS_SEED", "0"))
+
+
+def chaos_plan(seed: int) -> list[tuple[float, str]]:
+    """(fraction of the sweep's steps committed, what to kill): 3 driver and 2 node kills, in a seeded
+    order, at seeded moments spread over the middle of the sweep (never two at once)."""
+    rng = random.Random(seed)
+    kinds = ["driver"] * 3 + ["node"] * 2
+    rng.shuffle(kinds)
+    return [(0.1 + 0.13 * i + rng.uniform(0.0, 0.06), kind) for i, kind in enumerate(kinds)]
+
+
+def write_chaos_spec(folder: Path, storage: dict, shared: Path) -> Path:
+    base = yaml.safe_load((ROOT / "sweeps/configs/reference_cpu.yaml").read_text())
+    spec = {
+        "name": NAME,
+        "kind": "search",
+        "base": base,
+        "overrides": {
+            "max_steps": STEPS,
+            "resolution": 16,
+            "prior.image_size": 16,
+            "prior.cache_dir": str(shared / "reference-cache"),
+            "prior.reference.uncond_prompts": ["a red cube", "a green torus", "a blue sphere"],
+            "renderer.num_samples_per_ray": 16,
+            "logging.log_every": 1,
+            "logging.checkpoint_every": CHECKPOINT_EVERY,
+            "logging.val_every": 0,
+            "logging.turntable_frames": 2,
+        },
+        "prompts": {"items": ["a red cube"]},
+        "search": {"space": {"guidance.eta": {"type": "float", "low": 0.0, "high": 0.5}}, "seed": SEED},
+        "objective": {"metric": "train/loss", "mode": "min"},
+        "trials": TRIALS,
+        "pack": 2,
+        "max_concurrent": 4,  # 2 workers of 2 members, one per worker node's GPU
+        "resources": {"cpus": 1, "gpus": 1},
+        "retries": 3,
+        "storage": storage,
+        "cluster": {"shared_mounts": [str(shared)]},
+    }
+    path = folder / f"{NAME}.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+def committed_fraction(trials_root: Path) -> float:
+    """How much of the sweep's training is safely behind it: finished trials' steps, and in-flight
+    trials' last committed checkpoints (what a resume restarts from), over every trial's steps."""
+    done = 0
+    for trial in trials_root.glob("trial_*/replicate_0"):
+        panel = trial / "panel.json"
+        if panel.exists() and json.loads(panel.read_text())["position"] >= 1:
+            done += STEPS
+            continue
+        committed = trial / "prompt_000" / "committed_checkpoint.json"
+        if committed.exists():
+            done += json.loads(committed.read_text())["step"]
+    return done / (TRIALS * STEPS)
+
+
+def driver_processes(cluster_dir: Path) -> list[psutil.Process]:
+    """The sweep's driver: the job's `python -m orchestrator.cli submit|resume` (not its /bin/sh),
+    running in the job's working dir under the cluster's folder."""
+    found = []
+    for proc in psutil.process_iter(["cmdline", "cwd"]):
+        cmdline = proc.info["cmdline"] or []
+        if (
+            cmdline
+            and os.path.basename(cmdline[0]).startswith("python")
+            and "orchestrator.cli" in cmdline
+            and ("submit" in cmdline or "resume" in cmdline)
+            and (proc.info["cwd"] or "").startswith(str(cluster_dir))
+        ):
+            found.append(proc)
+    return found
+
+
+@pytest.fixture
+def chaos_cluster():
+    cluster = start_cluster(200)  # its own cluster: nodes are killed and added
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+def test_a_packed_sweep_survives_3_driver_kills_and_2_node_losses_with_consistent_stores(
+    chaos_cluster, postgres, mlflow_server, tmp_path, capsys
+):
+    address = chaos_cluster.dashboard_url
+    shared = tmp_path / "shared"
+    storage = {
+        "optuna": postgres.create_database("optuna_chaos"),
+        "mlflow": mlflow_server.url,
+        "tune": str(shared / "ray_results"),
+    }
+    spec = write_chaos_spec(tmp_path, storage, shared)
+    trials_root = shared / "ray_results" / NAME / "packed"
+    code, _, err = run_cli(capsys, "submit", str(spec), "--address", address)
+    assert code == 0, err
+
+    plan, kills = chaos_plan(SEED), []
+    for at, kind in plan:
+        wait_for(lambda at=at: committed_fraction(trials_root) >= at, 300, f"{at:.0%} of the sweep")
+        if kind == "driver":
+            (driver,) = wait_for(
+                lambda: driver_processes(chaos_cluster.temp_dir), 60, "the sweep's driver process"
+            )
+            driver.send_signal(signal.SIGKILL)
+            wait_for_job(capsys, NAME, address, ("FAILED",), timeout_s=60)
+            code, _, err = run_cli(capsys, "resume", NAME, "--address", address)
+            assert code == 0, err
+            wait_for_job(capsys, NAME, address, ("RUNNING",), timeout_s=60)
+        else:
+            # A node whose worker holds trials now; then a new node joins in its place.
+            hosting = {
+                a.node_id
+                for a in list_actors(
+                    address=address, filters=[("class_name", "=", "PackWorker"), ("state", "=", "ALIVE")]
+                )
+            }
+            nodes = chaos_cluster.worker_node_ids()
+            victims = sorted(node_id for node_id in hosting if node_id in nodes)
+            assert victims, f"no worker node holds a live PackWorker ({hosting})"
+            victim = random.Random(SEED + len(kills)).choice(victims)
+            assert nodes[victim].kill() > 0
+            chaos_cluster.add_worker()
+        kills.append((kind, round(committed_fraction(trials_root), 3)))
+    context = f"seed {SEED}, kills (kind, fraction committed after): {kills}"
+
+    job = wait_for_job(capsys, NAME, address, ("SUCCEEDED", "FAILED", "STOPPED"), timeout_s=600)
+    log = run_cli(capsys, "logs", NAME, "--address", address)[1]
+    assert job["status"] == "SUCCEEDED", context + "\n" + log[-3000:]
+    assert f"sweep {NAME}: {TRIALS} complete, 0 failed" in log, context
+
+    study = optuna.load_study(study_name=NAME, storage=storage["optuna"])
+    trials = study.get_trials(deepcopy=False)
+    assert [t.state for t in trials] == [TrialState.COMPLETE] * TRIALS, context  # none RUNNING
+
+    client = mlflow.MlflowClient(mlflow_server.url)
+    runs = tracking.trial_runs(client, client.get_experiment_by_name(NAME).experiment_id)
+    by_trial = {int(r.data.tags[tracking.TAG_OPTUNA_TRIAL]): r for r in runs}
+    assert len(runs) == TRIALS and sorted(by_trial) == list(range(TRIALS)), context  # one run per trial
+    resumed = 0
+    for number, run in by_trial.items():
+        steps = sorted(m.step for m in client.get_metric_history(run.info.run_id, "train/loss"))
+        # Each step once (a replayed step is never logged twice), and every member reached max_steps.
+        assert steps == list(range(1, STEPS + 1)), (context, number, steps)
+        assert run.info.status == "FINISHED", (context, number)
+        assert run.data.metrics["objective"] == pytest.approx(trials[number].value), (context, number)
+        resumed += bool(client.get_metric_history(run.info.run_id, "trial/resumed_at_step"))
+    assert resumed >= 1, context  # the kills landed on trials in flight, which continued from checkpoints
