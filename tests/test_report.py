@@ -404,6 +404,10 @@ def test_a_replicated_sweeps_report_shows_mean_and_standard_error_wherever_it_sh
     assert [every.count(text) for text in ("15.30 ± 0.54", "14.80 ± 0.41", "14.09 ± 0.29")] == [1, 1, 1]
     assert "Optimisation history (± s.e. over seeds)" in page
     assert "Objective against each parameter (± s.e. over seeds)" in page
+    # and a comparison of sweeps shows each sweep's best with its s.e.
+    from orchestrator.track.report import summarize
+
+    assert summarize("seeds", replicated)["best_sem"] == pytest.approx(0.5412)
 
 
 def test_the_plot_of_objective_against_a_parameter_draws_each_trials_standard_error_as_its_error_bar(
