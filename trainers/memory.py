@@ -33,7 +33,8 @@ Against the one measurement on a GPU (docs/gpu_check_report.md: `sd21-shaped`, 6
 path, four 3D models alive side by side): the terms add up to 5.65 GiB of allocated memory, where the
 H100 peaked at 5.61 GiB (torch's max allocated, without the runtime). `docs/packing.md` has the figures.
 
-Pure: reads the config, allocates nothing, needs no device. The sweep spec's check compares it with the
+`tests/benchmarks/pack_memory_constants.py` measures the constants again (CPU, a minute). Pure: reads
+the config, allocates nothing, needs no device. The sweep spec's check compares it with the
 worker's memory (`resources.gpu_memory_gb` or `resources.memory_gb`) before Ray starts.
 """
 
@@ -57,7 +58,7 @@ CLIP_L14_PARAMETERS = 427_616_513  # openai/clip-vit-large-patch14 (the paper's 
 
 # Measured on sd21-shaped's modules on the meta device (tensor sizes, no arithmetic), fp16:
 # the VAE encoder's activations alive after its forward with autograd on, per input pixel (1,743 MiB at
-# 512², 460 MiB at 256²; the backward adds 0.1 GiB at its peak);
+# 512², 401 MiB at 256²; the backward adds 0.1 GiB at its peak);
 VAE_ENCODE_BYTES_PER_PIXEL = 6_972
 # the peak working memory of a no-grad UNet forward, per row at 64² latents (85, 255 and 1,020 MiB for
 # 1, 3 and 12 rows), with attention that never holds the N×N scores (PyTorch's flash and
