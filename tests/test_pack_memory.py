@@ -116,3 +116,26 @@ def test_the_sd_parameter_count_is_sd21_shaped_s():
     from trainers.priors.sd21_shaped import PARAMETER_COUNTS
 
     assert SD21_PARAMETERS == sum(PARAMETER_COUNTS.values())
+
+
+def test_dreamsweep_submit_refuses_a_pack_too_big_before_ray_starts(tmp_path, capsys, monkeypatch):
+    import yaml
+
+    import orchestrator.run.sweep
+    from orchestrator.cli import main
+
+    def no_ray(cluster):
+        raise AssertionError("Ray was started for a pack that does not fit")
+
+    monkeypatch.setattr(orchestrator.run.sweep, "init_ray", no_ray)
+    path = tmp_path / "sd.yaml"
+    path.write_text(yaml.safe_dump(sd_spec(64, {"gpus": 1, "gpu_memory_gb": 24})))
+    assert main(["submit", str(path), "--workspace", str(tmp_path / "ws")]) == 2
+    assert "pack: 64 members on one worker need about" in capsys.readouterr().err
+    assert not (tmp_path / "ws").exists()  # nothing registered, no store created
+
+
+@pytest.mark.parametrize("key", ["gpu_memory_gb", "memory_gb"])
+def test_a_stated_memory_must_be_positive(key):
+    with pytest.raises(SpecError, match=rf"resources\.{key}: Input should be greater than 0"):
+        load_sweep_spec(sd_spec(1, {"gpus": 1, key: 0}))
