@@ -319,3 +319,118 @@ def test_status_says_when_the_driver_stopped_reporting(tmp_path, capsys):
     assert live["age_s"] >= 599
     rows = merge_live([{"ray_trial_id": "x", "step": 3}], live)
     assert rows[0]["eta_s"] is None and rows[0]["it_s"] is None  # a stale view is not shown as live
+
+
+# -------------------------------------------------------------------------------------------------
+# Replicated trials (`replicates: R`): mean ± s.e.
+
+# The quickstart's best and worst configs over 3 seeds (issue 18), and one between them.
+SEEDED = [(15.3012, 0.5412, 0.2), (14.8, 0.41, 0.5), (14.0871, 0.2903, 0.9)]  # (mean, s.e., eta)
+
+
+@pytest.fixture(scope="module")
+def replicated(tmp_path_factory):
+    """A finished sweep of 3 trials, each trained with 3 seeds, as a packed sweep leaves its stores: the
+    mean as each trial's Optuna value and MLflow `objective`, the s.e. as the Optuna user attribute and
+    the MLflow metric `objective_sem` (orchestrator/run/packed.py; tests/test_sweep_packed.py checks it
+    writes them)."""
+    import optuna
+
+    from orchestrator.run.tuner import optuna_storage
+    from orchestrator.track.report_data import SEM
+
+    ws = Workspace(tmp_path_factory.mktemp("ws-seeds"))
+    extra = {"pack": 3, "replicates": 3, "objective": {"metric": "eval/psnr", "mode": "max"}}
+    spec = load_sweep_spec(search_spec("seeds", "asd", **extra))
+    stores = ws.stores_for(spec)
+    client = mlflow.MlflowClient(stores.mlflow_uri)
+    experiment = tracking.ensure_experiment(client, spec.name, stores.mlflow_artifacts)
+    parent = tracking.start_parent_run(client, experiment, spec.name, spec_to_dict(spec), {})
+    ws.register(spec, SweepRecord(spec.name, stores, experiment_id=experiment, parent_run_id=parent))
+    study = optuna.create_study(
+        study_name="seeds", storage=optuna_storage(stores.optuna_url), direction="maximize"
+    )
+    space = {"guidance.eta": optuna.distributions.FloatDistribution(0.0, 1.0)}
+    for number, (mean, sem, eta) in enumerate(SEEDED):
+        study.add_trial(
+            optuna.trial.create_trial(
+                params={"guidance.eta": eta}, distributions=space, value=mean, user_attrs={SEM: sem}
+            )
+        )
+        identity = tracking.TrialIdentity(
+            "seeds",
+            experiment,
+            parent,
+            f"pack-{number:04d}",
+            number,
+            ["a red cube"],
+            {"guidance.eta": eta},
+            "c0ffee",
+        )
+        run = tracking.TrialRun.open(client, identity, {})
+        run.log_metrics(STEPS, {"objective": mean, SEM: sem, "eval/psnr": mean}, force=True)
+        run.finish()
+    return ws
+
+
+def test_a_mean_over_seeds_is_written_with_its_standard_error_to_two_significant_figures():
+    from orchestrator.track.page import mean_sem
+
+    assert mean_sem(15.3012, 0.5412) == "15.30 ± 0.54"
+    assert mean_sem(14.0871, 0.02903) == "14.087 ± 0.029"
+    assert mean_sem(231.4, 12.7) == "231 ± 13"
+    assert mean_sem(15.3012, 0.0) == "15.301 ± 0"
+    assert mean_sem(15.3012, None) == "15.301"  # one seed: the number as any other
+    assert mean_sem(None, None) == "-"
+
+
+def test_a_replicated_sweeps_report_shows_mean_and_standard_error_wherever_it_shows_an_objective(
+    replicated, tmp_path
+):
+    out = tmp_path / "seeds"
+    assert (
+        main(["report", "seeds", "--top", "1", "--workspace", str(replicated.root), "--output", str(out)])
+        == 0
+    )
+    page = (out / "index.html").read_text()
+    summary = re.search(r'<p class="meta">search · per-prompt · objective .*?</p>', page).group(0)
+    assert "mean ± s.e. over 3 seeds" in summary and "best 15.30 ± 0.54" in summary
+    side = page[
+        page.index('<table class="side">') : page.index("</table>", page.index('<table class="side">'))
+    ]
+    assert "eval/psnr = 15.30 ± 0.54" in side and "eval/psnr = 14.09 ± 0.29" in side  # best, worst
+    every = page[page.index("<h3>Every trial</h3>") :]
+    assert "objective (mean ± s.e.)" in every
+    assert [every.count(text) for text in ("15.30 ± 0.54", "14.80 ± 0.41", "14.09 ± 0.29")] == [1, 1, 1]
+    assert "Optimisation history (± s.e. over seeds)" in page
+    assert "Objective against each parameter (± s.e. over seeds)" in page
+    # and a comparison of sweeps shows each sweep's best with its s.e.
+    from orchestrator.track.report import summarize
+
+    assert summarize("seeds", replicated)["best_sem"] == pytest.approx(0.5412)
+
+
+def test_the_plot_of_objective_against_a_parameter_draws_each_trials_standard_error_as_its_error_bar(
+    replicated,
+):
+    from matplotlib.container import ErrorbarContainer
+
+    from orchestrator.track.page import history_with_error_bars, slice_with_error_bars
+    from orchestrator.track.report import load_study
+
+    study = load_study("seeds", replicated)
+    for axes in (slice_with_error_bars(study)[0][0], history_with_error_bars(study)):
+        (bars,) = [c for c in axes.containers if isinstance(c, ErrorbarContainer)]
+        (segments,) = bars.lines[2]
+        drawn = sorted((y1 - y0) / 2 for (_, y0), (_, y1) in segments.get_segments())
+        assert drawn == pytest.approx(sorted(sem for _, sem, _ in SEEDED))
+    assert slice_with_error_bars(study)[0][0].get_xlabel() == "guidance.eta"
+
+
+def test_trials_without_replicates_show_their_objective_as_before(workspace, tmp_path):
+    out = tmp_path / "asd"
+    assert main(["report", "asd", "--workspace", str(workspace.root), "--output", str(out)]) == 0
+    page = (out / "index.html").read_text()
+    assert "±" not in page and "seeds" not in page
+    best = min(finished_objectives(workspace, "asd"))
+    assert f"train/loss = {best:.5g}</th>" in page

@@ -58,12 +58,12 @@ from orchestrator.run.trainable import (
 from orchestrator.spec.space import PROMPT_INDEX, make_sampler, optuna_space, resolve_params
 from orchestrator.spec.spec import SweepSpec
 from orchestrator.track import tracking
+from orchestrator.track.report_data import SEM
 
 PANEL_FILE = "panel.json"
 COMMITTED_FILE = "committed_checkpoint.json"  # a member's last checkpoint whose metrics are in MLflow
 ATTEMPTS = "dreamsweep.worker_losses"  # Optuna user attribute: how often a trial's worker died under it
 WAIT_FOR_WORKER_S = 60.0  # how long the driver blocks at once waiting for a worker to start
-SEM = "objective_sem"  # the standard error of a replicated trial's objective (Optuna attr, MLflow metric)
 
 
 def member_run_id(number: int) -> str:

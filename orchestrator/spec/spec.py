@@ -163,6 +163,12 @@ class Resources(ConfigBase):
     # Fractions share a GPU between trials (e.g. 0.5: two trials per GPU).
     gpus: float = Field(0.0, ge=0.0, allow_inf_nan=False)
     cpus: float = Field(1.0, ge=0.0, allow_inf_nan=False)
+    # The memory a worker may use, in GiB, for the check that a pack fits (trainers/memory.py) before
+    # Ray starts; not reserved in Ray. gpu_memory_gb: one GPU's memory (80 for an H100 80GB), of which
+    # a worker on a fraction of a GPU gets that fraction; memory_gb: host memory of a CPU worker.
+    # None: unknown, not checked.
+    gpu_memory_gb: float | None = Field(None, gt=0.0, allow_inf_nan=False)
+    memory_gb: float | None = Field(None, gt=0.0, allow_inf_nan=False)
 
     @model_validator(mode="after")
     def _something(self) -> Resources:
@@ -385,6 +391,7 @@ def check_spec(spec: SweepSpec) -> None:
     # Build the trainer's config at every corner of the space: a bad value or combination
     # (a learning rate below 0, a method the trainer lacks) fails now, with the trainer's own message.
     config = None
+    corners = []
     for params in corner_params(spec):
         try:
             config = load_config(
@@ -394,6 +401,7 @@ def check_spec(spec: SweepSpec) -> None:
             shown = ", ".join(f"{k}={v!r}" for k, v in params.items())
             at = f" at the search-space corner {shown}" if shown else ""
             raise SpecError(f"overrides/search.space: the trainer refuses the config{at}: {exc}") from None
+        corners.append(config)
     assert config is not None
     reported = reported_metrics(config)
     _check_clip_objective(spec, config, reported)
@@ -402,6 +410,7 @@ def check_spec(spec: SweepSpec) -> None:
             f"pack: {spec.pack} with guidance.method: vsd: VSD trains a LoRA of the prior per trial, which "
             "members of a pack cannot share; set pack: 1 (and replicates: 1) or use asd, sds or csd"
         )
+    _check_pack_fits_memory(spec, corners)
     if spec.packed and "://" in (spec.storage.tune or "") and not spec.storage.tune.startswith("file://"):
         raise SpecError(
             f"storage.tune: {spec.storage.tune!r}: a packed sweep keeps its members' checkpoints on a file "
@@ -421,6 +430,41 @@ def check_spec(spec: SweepSpec) -> None:
         from orchestrator.spec.space import grid_values
 
         grid_values(spec)  # raises SpecError for parameters without a finite grid
+
+
+def _check_pack_fits_memory(spec: SweepSpec, configs: list) -> None:
+    """A worker's `pack` members (at the search space's hungriest corner) must fit the memory that
+    `resources` says a worker has (trainers/memory.py estimates it from the config). Per-prompt sweeps
+    whose spec states the memory; others are not checked."""
+    from trainers.memory import GIB, estimate_pack_memory
+
+    on_gpu = spec.resources.gpus > 0
+    stated = spec.resources.gpu_memory_gb if on_gpu else spec.resources.memory_gb
+    if spec.trainer != "per-prompt" or stated is None:
+        return
+    if on_gpu:
+        share = min(spec.resources.gpus, 1.0)  # a worker's pack lives on one GPU, or on its fraction
+        key = "resources.gpu_memory_gb"
+        where = f"{key}: {stated:g}" + (f" × resources.gpus: {share:g}" if share < 1 else "")
+    else:
+        share, key = 1.0, "resources.memory_gb"
+        where = f"{key}: {stated:g}"
+    available = stated * share * GIB
+    estimate = max((estimate_pack_memory(c, spec.pack, on_gpu) for c in configs), key=lambda e: e.total)
+    if estimate.total <= available:
+        return
+    most = estimate.most_members_within(available)
+    if most >= spec.replicates:
+        fix = f"lower pack to {most - most % spec.replicates} (the most that fits"
+        fix += f", a multiple of replicates: {spec.replicates})" if spec.replicates > 1 else ")"
+    else:
+        fix = f"lower pack and replicates (not even {max(1, spec.replicates)} member(s) fit)"
+    raise SpecError(
+        f"pack: {spec.pack} members on one worker need {estimate.describe()}, more than the worker's "
+        f"{available / GIB:.1f} GiB ({where}). {fix[0].upper()}{fix[1:]}; or shrink each member: "
+        "prior.encoder: linear, prior.image_size, resolution, renderer.num_samples_per_ray, batch_size; "
+        f"or, if the worker has more memory, set {key} to it (the estimate: trainers/memory.py)"
+    )
 
 
 # Trainer keys naming a file or folder a trial writes to (besides its own folder, which the sweep sets).

@@ -8,8 +8,13 @@ a fan-out's grid of every prompt, then the study's plots, then every trial's obj
 
 The plots are Optuna's own (its matplotlib backend: history, parallel coordinates, parameter
 importances, objective against each parameter); only what neither Optuna nor matplotlib draws as a
-whole is drawn here: the HTML tables, and the cross-sweep box plot (Optuna has no plot of objective
-distributions across studies).
+whole is drawn here: the HTML tables, the cross-sweep box plot (Optuna has no plot of objective
+distributions across studies), and error bars.
+
+A sweep with `replicates: R` trains each config with R seeds; a trial's objective is their mean and its
+standard error (over the seeds) is stored beside it (`SEM`). Wherever such a trial's objective is shown,
+the page shows both, as "15.30 ± 0.54", and its plots of the objective against a trial or a
+hyperparameter draw the s.e. as error bars. Trials without replicates look as before.
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ from collections.abc import Callable
 from typing import Any
 
 from orchestrator.track.progress import format_duration, format_params
-from orchestrator.track.report_data import HELD_OUT, LIVE_FRESH_S, TRAIN, Media, SweepReport, TrialView
+from orchestrator.track.report_data import HELD_OUT, LIVE_FRESH_S, SEM, TRAIN, Media, SweepReport, TrialView
 from orchestrator.track.tracking import import_plotting
 
 CSS = """
@@ -65,6 +70,24 @@ def _num(value: Any) -> str:
     return "-" if value is None else _esc(value)
 
 
+def mean_sem(value: Any, sem: Any) -> str:
+    """An objective as the page shows it: "15.30 ± 0.54" for a mean over seeds with its standard error
+    (the s.e. to two significant figures, the mean to the same decimal place, as a measurement is
+    written), or as any other number when there is no s.e. (one seed)."""
+    finite = isinstance(value, float) and math.isfinite(value)
+    if not finite or not isinstance(sem, int | float) or not math.isfinite(sem) or sem < 0:
+        return _num(value)
+    if sem == 0:  # seeds that agree exactly: nothing to round to
+        return f"{value:.5g} ± 0"
+    decimals = max(0, 1 - math.floor(math.log10(sem)))
+    return f"{value:.{decimals}f} ± {sem:.{decimals}f}"
+
+
+def _objective(row: dict[str, Any]) -> str:
+    """A row's objective, with its s.e. when the trial has replicates."""
+    return mean_sem(row.get("objective"), row.get(SEM))
+
+
 def _img(media: Media | None, css: str, alt: str) -> str:
     if media is None:
         return '<span class="meta">(none logged)</span>'
@@ -92,6 +115,67 @@ def importance_evaluator(n_complete: int):
     return PedAnovaImportanceEvaluator(target_quantile=max(0.1, min(0.5, 2 / max(1, n_complete))))
 
 
+def _replicated(trials) -> bool:
+    return any(t.user_attrs.get(SEM) is not None for t in trials)
+
+
+def history_with_error_bars(study):
+    """Optuna's optimisation history, each replicated trial's point given its error bar (± s.e.)."""
+    _, ovm = import_plotting()
+    ax = ovm.plot_optimization_history(study)
+    complete = [t for t in study.get_trials(deepcopy=False) if t.state.name == "COMPLETE"]
+    ax.errorbar(
+        [t.number for t in complete],
+        [t.value for t in complete],
+        yerr=[t.user_attrs.get(SEM) or 0.0 for t in complete],
+        fmt="none",
+        ecolor="#333",
+        capsize=3,
+        label="± s.e. over seeds",
+    )
+    ax.legend(loc="best", fontsize=8)
+    return ax
+
+
+def slice_with_error_bars(study):
+    """The objective against each searched parameter, every trial a point with its error bar (± s.e.
+    over its seeds): Optuna's slice plot, which has no error bars, redrawn with them."""
+    from matplotlib.ticker import NullFormatter
+    from optuna.distributions import CategoricalDistribution
+
+    plt, _ = import_plotting()
+    complete = [t for t in study.get_trials(deepcopy=False) if t.state.name == "COMPLETE"]
+    names = sorted({name for t in complete for name in t.params})
+    figure, axes = plt.subplots(
+        1, len(names), sharey=True, squeeze=False, figsize=(max(4.0, 3.2 * len(names)), 3.6)
+    )
+    for ax, name in zip(axes[0], names, strict=True):
+        trials = [t for t in complete if name in t.params]
+        xs = [t.params[name] for t in trials]
+        distribution = trials[0].distributions[name]
+        if isinstance(distribution, CategoricalDistribution):
+            choices = list(distribution.choices)
+            xs = [choices.index(x) for x in xs]
+            ax.set_xticks(range(len(choices)), [str(c) for c in choices])
+            ax.set_xlim(-0.5, len(choices) - 0.5)
+        elif getattr(distribution, "log", False):
+            ax.set_xscale("log")
+            ax.xaxis.set_minor_formatter(NullFormatter())  # labelled minor ticks overlap on a narrow axis
+        ax.errorbar(
+            xs,
+            [t.value for t in trials],
+            yerr=[t.user_attrs.get(SEM) or 0.0 for t in trials],
+            fmt="o",
+            color="#4c8bf5",
+            ecolor="#333",
+            capsize=3,
+        )
+        ax.set_xlabel(name)
+    axes[0][0].set_ylabel("objective (mean ± s.e. over seeds)")
+    figure.suptitle("Objective against each parameter")
+    return axes
+
+
 def study_plots(study, kind: str) -> tuple[dict[str, bytes], list[str]]:
     """Title -> PNG of each plot the study supports now, and a note for each it cannot draw yet."""
     plt, ovm = import_plotting()
@@ -99,14 +183,20 @@ def study_plots(study, kind: str) -> tuple[dict[str, bytes], list[str]]:
     if not complete:
         return {}, ["The plots appear once a trial has finished."]
     searched = kind == "search" and bool(set(complete[0].params))
+    replicated = _replicated(complete)
     plots: dict[str, Callable] = {"Optimisation history": ovm.plot_optimization_history}
+    if replicated:
+        plots = {"Optimisation history (± s.e. over seeds)": history_with_error_bars}
     notes = []
     if searched and len(complete) > 1:
         plots["Parallel coordinates"] = ovm.plot_parallel_coordinate
         plots["Parameter importances (PED-ANOVA)"] = lambda s: ovm.plot_param_importances(
             s, evaluator=importance_evaluator(len(complete))
         )
-        plots["Objective against each parameter"] = ovm.plot_slice
+        if replicated:
+            plots["Objective against each parameter (± s.e. over seeds)"] = slice_with_error_bars
+        else:
+            plots["Objective against each parameter"] = ovm.plot_slice
     elif searched:
         notes.append("Parallel coordinates, importances and slices need two finished trials.")
     drawn = {}
@@ -168,7 +258,7 @@ def side_by_side(views: list[TrialView], objective: dict[str, str], sweep_column
         where = f"{_esc(v.row.get('sweep'))} · " if sweep_column else ""
         head.append(
             f'<th class="role {css}">{_esc(v.role)}<br>{where}trial {_esc(v.row["trial"])}<br>'
-            f"{_esc(objective['metric'])} = {_num(v.row['objective'])}</th>"
+            f"{_esc(objective['metric'])} = {_objective(v.row)}</th>"
         )
     rows = ["".join(head) + "</tr>"]
     n_prompts = max(len(v.turntables) for v in views)
@@ -210,10 +300,15 @@ def side_by_side(views: list[TrialView], objective: dict[str, str], sweep_column
     for key in metrics:
         cells = "".join(f'<td class="num">{_num(v.metrics.get(key))}</td>' for v in views)
         rows.append(f"<tr><th>{_esc(key)}</th>{cells}</tr>")
+    seeds = (
+        " A value shown as mean ± s.e. is the mean over the trial's seeds and its standard error."
+        if any(v.row.get(SEM) is not None for v in views)
+        else ""
+    )
     legend = (
         '<p class="meta">Highlighted params differ from the best trial\'s. '
         f"{_esc(objective['metric'])}: {'higher' if objective['mode'] == 'max' else 'lower'} is better "
-        f"({_how_scored(views, objective)}).</p>"
+        f"({_how_scored(views, objective)}).{seeds}</p>"
     )
     return f'<table class="side">{"".join(rows)}</table>{legend}'
 
@@ -230,8 +325,11 @@ def _how_scored(views: list[TrialView], objective: dict[str, str]) -> str:
 
 
 def _aggregated(rep: SweepReport) -> str:
-    """How a trial's objective is one number: over its prompts, or (amortized) its generator's own."""
-    return "" if rep.trainer == "amortized" else f", {_esc(rep.objective['aggregate'])} over the prompts"
+    """How a trial's objective is one number: over its prompts, or (amortized) its generator's own;
+    then, with replicates, the mean over its seeds with its standard error."""
+    prompts = "" if rep.trainer == "amortized" else f", {_esc(rep.objective['aggregate'])} over the prompts"
+    seeds = f", mean ± s.e. over {rep.replicates} seeds" if rep.replicates > 1 else ""
+    return prompts + seeds
 
 
 def _label(view: TrialView, i: int) -> str:
@@ -258,7 +356,7 @@ def fanout_grid(views: list[TrialView], objective: dict[str, str]) -> str:
         media = v.turntables[0] if v.turntables else None
         figures.append(
             f"<figure>{_img(media, 'render', v.role)}<figcaption>{_esc(v.role)}<br>"
-            f"{_esc(objective['metric'])} = {_num(v.row['objective'])}</figcaption></figure>"
+            f"{_esc(objective['metric'])} = {_objective(v.row)}</figcaption></figure>"
         )
     return f'<div class="fan">{"".join(figures)}</div>'
 
@@ -267,7 +365,8 @@ def trials_table(rep: SweepReport) -> str:
     """Every trial's objective (a bar: longer is better), state, params and prompts, best first."""
     values = [r["objective"] for r in rep.rows if _finished(r)]
     low, high = (min(values), max(values)) if values else (0.0, 0.0)
-    rows = ["<tr><th>trial</th><th>state</th><th>objective</th><th></th><th>params</th><th>run</th></tr>"]
+    heading = "objective (mean ± s.e.)" if any(r.get(SEM) is not None for r in rep.rows) else "objective"
+    rows = [f"<tr><th>trial</th><th>state</th><th>{heading}</th><th></th><th>params</th><th>run</th></tr>"]
     for r in rep.rows:
         value = r.get("objective")
         bar = ""
@@ -277,7 +376,7 @@ def trials_table(rep: SweepReport) -> str:
             bar = f'<span class="bar" style="width:{int(8 + 150 * share)}px"></span>'
         rows.append(
             f"<tr><td class='num'>{_num(r['trial'])}</td><td>{_esc(r['state'])}</td>"
-            f"<td class='num'>{_num(value)}</td><td>{bar}</td>"
+            f"<td class='num'>{_objective(r)}</td><td>{bar}</td>"
             f"<td>{_esc(format_params(r.get('params') or {}, limit=8))}</td>"
             f"<td class='meta'>{_esc(r['run_id'])}</td></tr>"
         )
@@ -317,7 +416,8 @@ def sweep_section(rep: SweepReport, top: int) -> str:
         f"<h2>Sweep {_esc(rep.name)}</h2>",
         f'<p class="meta">{_esc(rep.kind)} · {_esc(rep.trainer)} · objective {_esc(rep.objective["metric"])} '
         f"({_esc(rep.objective['mode'])}{_aggregated(rep)}) · "
-        f"{len(rep.rows)} trials: {_esc(states)} · best {_num(s.get('best'))}, median {_num(s.get('median'))}"
+        f"{len(rep.rows)} trials: {_esc(states)} · best {mean_sem(s.get('best'), s.get('best_sem'))}, "
+        f"median {_num(s.get('median'))}"
         f" · parent run {_esc(rep.parent_run_id)}</p>",
         _live_html(rep),
         *(f'<p class="note">{_esc(n)}</p>' for n in rep.notes),
@@ -344,7 +444,8 @@ def comparison_section(reports: list[SweepReport], comparison: dict[str, Any], j
     for s in comparison["sweeps"]:
         cells = [f"<td>{_esc(s['sweep'])}</td>", f"<td class='num'>{s['trials']}</td>"]
         cells += [f"<td class='num'>{s['finished']}</td>"]
-        cells += [f"<td class='num'>{_num(s[k])}</td>" for k in ["best", "q1", "median", "q3", "worst"]]
+        cells += [f"<td class='num'>{mean_sem(s['best'], s.get('best_sem'))}</td>"]
+        cells += [f"<td class='num'>{_num(s[k])}</td>" for k in ["q1", "median", "q3", "worst"]]
         rows.append(f"<tr>{''.join(cells)}</tr>")
     trainers = sorted({rep.trainer for rep in reports})
     mixed = (

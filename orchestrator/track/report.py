@@ -34,6 +34,7 @@ from orchestrator.track.progress import trial_params
 from orchestrator.track.report_data import (
     HELD_OUT,
     LIVE_FRESH_S,
+    SEM,
     TRAIN,
     Media,
     SweepReport,
@@ -145,7 +146,7 @@ def compare(name: str, workspace: Workspace, top: int | None = None) -> list[dic
                 "params": params,
                 "objective": objective,
                 # A replicated trial's (replicates: R) standard error over its seeds; None otherwise.
-                "objective_sem": run.data.metrics.get("objective_sem"),
+                SEM: run.data.metrics.get(SEM),
                 "prompts": prompts,
                 # How many prompts the trial trains: the prompts tag keeps only those that fit in a tag.
                 "prompt_count": int(
@@ -265,7 +266,8 @@ def objective_of(name: str, workspace: Workspace) -> dict[str, str]:
 
 
 def summarize(name: str, workspace: Workspace, rows: list[dict[str, Any]] | None = None) -> dict[str, Any]:
-    """A sweep's objective over its finished trials: best, quartiles, median, worst (None when none)."""
+    """A sweep's objective over its finished trials: best, quartiles, median, worst (None when none), and
+    the best trial's standard error over its seeds (`best_sem`, None unless the sweep has replicates)."""
     objective = objective_of(name, workspace)
     rows = compare(name, workspace) if rows is None else rows
     values = [r["objective"] for r in finished_rows(rows)]
@@ -277,10 +279,18 @@ def summarize(name: str, workspace: Workspace, rows: list[dict[str, Any]] | None
         "finished": len(values),
     }
     if not values:
-        return summary | dict.fromkeys(["best", "q1", "median", "q3", "worst"])
+        return summary | dict.fromkeys(["best", "best_sem", "q1", "median", "q3", "worst"])
     q1, median, q3 = statistics.quantiles(values, n=4, method="inclusive") if len(values) > 1 else values * 3
     best, worst = (min(values), max(values)) if objective["mode"] == "min" else (max(values), min(values))
-    return summary | {"best": best, "q1": q1, "median": median, "q3": q3, "worst": worst}
+    best_sem = next(r.get(SEM) for r in finished_rows(rows) if r["objective"] == best)
+    return summary | {
+        "best": best,
+        "best_sem": best_sem,
+        "q1": q1,
+        "median": median,
+        "q3": q3,
+        "worst": worst,
+    }
 
 
 def check_same_objective(names: list[str], workspace: Workspace) -> dict[str, str]:
@@ -533,6 +543,7 @@ def sweep_report(name: str, workspace: Workspace, top: int = 3) -> SweepReport:
         parent_run_id=record.parent_run_id,
         mlflow_uri=record.stores.mlflow_uri,
         live=live,
+        replicates=spec.replicates,
     )
 
 

@@ -9,6 +9,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 LIVE_FRESH_S = 30.0  # a progress file older than this, of a sweep not finished: its driver stopped
+# A replicated trial's (`replicates: R`) standard error of its objective over its R seeds: an Optuna user
+# attribute, an MLflow metric, and the key of `compare`'s rows.
+SEM = "objective_sem"
 
 
 @dataclass
@@ -58,3 +61,4 @@ class SweepReport:
     parent_run_id: str | None
     mlflow_uri: str
     live: dict[str, Any] | None = None
+    replicates: int = 1  # seeds per trial: above 1, each objective is a mean shown with its s.e.
