@@ -244,6 +244,84 @@ def test_the_pruner_stops_one_member_at_its_rung_and_leaves_the_others_running()
     assert not pruned(study, bad, 1.0, 10, 10)  # a trial at its last step is never stopped
 
 
+def test_the_pruner_stops_a_poor_member_inside_a_running_sweep_and_the_others_finish(
+    local_ray, tmp_path, cache_dir
+):
+    """ASHA's semantics in a packed sweep: a trial not in the top half of those at its rung is stopped
+    alone (PRUNED in Optuna, its run FINISHED and tagged, its slot refilled) while its pack goes on."""
+    ws = Workspace(tmp_path / "ws")
+    steps = 40
+    asha = spec(
+        "asha",
+        cache_dir,
+        trials=4,
+        max_concurrent=2,
+        workers=1,
+        # The guidance loss grows with the CFG scale, so high-CFG trials look poor at every rung.
+        search={"space": {"guidance.cfg_scale": {"type": "float", "low": 1.0, "high": 100.0, "log": True}}},
+        objective={"metric": "train/loss", "mode": "min"},
+        early_stopping={"grace_period": 4, "reduction_factor": 2},
+    )
+    asha["overrides"] = {**asha["overrides"], "max_steps": steps}
+    outcome = submit(asha, workspace=ws, runtime={"report_every_s": 0.3})  # several reports per trial
+    record = ws.record("asha")
+    study = optuna.load_study(study_name="asha", storage=record.stores.optuna_url)
+    states = [t.state.name for t in study.trials]
+    assert "PRUNED" in states and set(states) == {"PRUNED", "COMPLETE"} and len(states) == 4, states
+    assert outcome.complete == states.count("COMPLETE")
+
+    client = mlflow.MlflowClient(record.stores.mlflow_uri)
+    runs = {
+        int(r.data.tags[tracking.TAG_OPTUNA_TRIAL]): r
+        for r in tracking.trial_runs(client, record.experiment_id)
+    }
+    assert sorted(runs) == [0, 1, 2, 3]
+    for trial in study.trials:
+        run = runs[trial.number]
+        steps_logged = tracking.metric_steps(client, run.info.run_id, ["train/loss"])["train/loss"]
+        assert run.info.status == "FINISHED"
+        if trial.state.name == "COMPLETE":
+            assert steps_logged == list(range(1, steps + 1))  # the others trained to the end
+            continue
+        # Stopped early, alone: fewer steps, each once, and tagged as Tune tags an ASHA-stopped trial.
+        assert steps_logged == list(range(1, len(steps_logged) + 1)) and len(steps_logged) < steps
+        assert run.data.tags["dreamsweep.stopped_early"] == "true"
+        # When it was stopped, an earlier trial had done better at that rung.
+        last_step = max(trial.intermediate_values)
+        own = trial.intermediate_values[last_step]
+        others = [
+            value
+            for other in study.trials
+            if other.number != trial.number
+            for step, value in other.intermediate_values.items()
+            if step <= last_step
+        ]
+        assert others and min(others) < own
+
+
+def test_a_new_driver_kills_the_workers_an_earlier_driver_left_before_it_resumes_their_trials(local_ray):
+    """After a driver's kill -9 its workers live on until Ray reaps its job; the next driver of the
+    sweep fences them off first, so that no trial is ever trained by two workers at once."""
+    from orchestrator.run.packed import NAMESPACE, fence_earlier_workers, worker_names
+
+    @ray.remote(num_cpus=0)
+    class Leftover:
+        def ping(self) -> int:
+            return 1
+
+    zombie = Leftover.options(name="fenced/worker-1-123", namespace=NAMESPACE, lifetime="detached").remote()
+    other = Leftover.options(name="fenced-too/worker-1-123", namespace=NAMESPACE).remote()
+    ray.get([zombie.ping.remote(), other.ping.remote()])
+    assert worker_names("fenced") == ["fenced/worker-1-123"]
+
+    fence_earlier_workers("fenced")
+    assert worker_names("fenced") == []
+    with pytest.raises(ray.exceptions.RayActorError):
+        ray.get(zombie.ping.remote())
+    assert ray.get(other.ping.remote()) == 1  # another sweep's workers are left alone
+    ray.kill(other)
+
+
 def test_a_lost_worker_is_replaced_and_its_trials_continue_from_their_checkpoints(
     local_ray, tmp_path, cache_dir
 ):
@@ -263,10 +341,12 @@ def test_a_lost_worker_is_replaced_and_its_trials_continue_from_their_checkpoint
         deadline = time.monotonic() + 300
         while time.monotonic() < deadline and not killed:
             time.sleep(0.2)
-            checkpoints = list(
-                (ws.root / "ray_results/lost/packed").glob("trial_*/replicate_0/*/checkpoints/step_*")
+            # Both trials past a committed checkpoint (a pack step writes its members' checkpoints one
+            # after the other: killing between the two would restart one trial from scratch).
+            committed = list(
+                (ws.root / "ray_results/lost/packed").glob("trial_*/replicate_0/*/committed_checkpoint.json")
             )
-            if not checkpoints or not (ws.root / "mlflow.db").exists():
+            if len(committed) < 2 or not (ws.root / "mlflow.db").exists():
                 continue
             record = ws.record("lost")
             runs = tracking.trial_runs(mlflow.MlflowClient(record.stores.mlflow_uri), record.experiment_id)

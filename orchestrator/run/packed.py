@@ -63,6 +63,7 @@ from orchestrator.track.report_data import SEM
 PANEL_FILE = "panel.json"
 COMMITTED_FILE = "committed_checkpoint.json"  # a member's last checkpoint whose metrics are in MLflow
 ATTEMPTS = "dreamsweep.worker_losses"  # Optuna user attribute: how often a trial's worker died under it
+NAMESPACE = "dreamsweep-packed"  # the Ray namespace of every packed sweep's named workers
 WAIT_FOR_WORKER_S = 60.0  # how long the driver blocks at once waiting for a worker to start
 
 
@@ -474,6 +475,35 @@ def make_pruner(spec: SweepSpec) -> optuna.pruners.BasePruner:
     )
 
 
+def worker_names(sweep: str) -> list[str]:
+    """The live workers of sweep `sweep` on the cluster, whichever driver started them."""
+    return [
+        entry["name"]
+        for entry in ray.util.list_named_actors(all_namespaces=True)
+        if entry["namespace"] == NAMESPACE and entry["name"].startswith(f"{sweep}/")
+    ]
+
+
+def fence_earlier_workers(sweep: str, timeout_s: float = 60.0) -> None:
+    """Kill the workers an earlier driver of this sweep left behind, and wait until they are gone.
+
+    A driver killed with SIGKILL leaves its workers running until Ray reaps its job (about a second,
+    more on a busy head). Were the new driver to resume their trials meanwhile, two workers would train
+    one trial, writing its checkpoints and MLflow steps twice."""
+    deadline = time.monotonic() + timeout_s
+    names = worker_names(sweep)
+    for name in names:
+        try:
+            ray.kill(ray.get_actor(name, namespace=NAMESPACE))
+        except ValueError:  # reaped meanwhile
+            pass
+    while names:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"workers of an earlier driver of sweep {sweep!r} are still alive: {names}")
+        time.sleep(0.2)
+        names = worker_names(sweep)
+
+
 def pruned(study: optuna.Study, number: int, value: float, step: int, total: int) -> bool:
     """Report trial `number`'s objective so far at `step` and ask the study's pruner whether to stop
     it. Each trial is judged alone against the others at its rung; a trial at its last step never is
@@ -495,8 +525,8 @@ class Slot:
     started: Any = None  # the actor's first answer (an ObjectRef), then True
 
     @classmethod
-    def launch(cls, actor_class, *args) -> Slot:
-        actor = actor_class.remote(*args)
+    def launch(cls, actor_class, options: dict, *args) -> Slot:
+        actor = actor_class.options(**options).remote(*args)
         return cls(actor, started=actor.pid.remote())
 
     def ready(self, wait_s: float = 0.0) -> bool:
@@ -533,15 +563,26 @@ class PackedSweep:
         self.progress = progress(self.study) if progress is not None else None
         self.per_worker = spec.trials_per_worker
         n_workers = spec.workers or math.ceil(min(spec.max_concurrent, self.total) / self.per_worker)
-        self.actor_class = ray.remote(PackWorker).options(
-            num_cpus=spec.resources.cpus, num_gpus=spec.resources.gpus, max_restarts=0
-        )
-        self.slots = [Slot.launch(self.actor_class, context, trials_root) for _ in range(n_workers)]
+        self.actor_class = ray.remote(PackWorker)
+        fence_earlier_workers(spec.name)
+        self.launched = 0  # workers started by this driver, which names them
+        self.slots = [self.launch() for _ in range(n_workers)]
         # Trials the study has RUNNING when this driver starts: their driver died (kill -9, a lost
         # head). They continue from their files first, without counting against `retries`.
         self.orphans = [t.number for t in self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))]
         self.pending_drops: list = []
         self.stats = {"worker_steps": 0, "prior_calls": 0, "max_members": 0, "worker_clocks": {}}
+
+    def launch(self) -> Slot:
+        self.launched += 1
+        options = {
+            "name": f"{self.spec.name}/worker-{self.launched}-{os.getpid()}",
+            "namespace": NAMESPACE,
+            "num_cpus": self.spec.resources.cpus,
+            "num_gpus": self.spec.resources.gpus,
+            "max_restarts": 0,  # a lost worker is replaced by the driver, its trials resumed from files
+        }
+        return Slot.launch(self.actor_class, options, self.context, self.trials_root)
 
     # -- which trial next -----------------------------------------------------------------------
 
@@ -610,34 +651,39 @@ class PackedSweep:
         ray.wait(
             [slot.started for slot in self.slots], num_returns=len(self.slots), timeout=WAIT_FOR_WORKER_S
         )
+        advancing: dict[Any, Slot] = {}  # each busy worker's advance in flight, by its ObjectRef
         while True:
             self.fill()
-            busy = [slot for slot in self.slots if slot.trials]
-            if not busy:
+            for slot in self.slots:
+                if slot.trials and slot not in advancing.values():
+                    advancing[slot.actor.advance.remote(self.context.report_every_s)] = slot
+            if not advancing:
                 if not self.more_to_start():
                     break
                 # Trials wait and no worker has started (the sweep's start, or every node was lost):
                 # wait for one, as long as it takes a node to join.
                 self.started_slots(wait_s=WAIT_FOR_WORKER_S)
                 continue
-            futures = [slot.actor.advance.remote(self.context.report_every_s) for slot in busy]
-            for slot, future in zip(busy, futures, strict=True):
-                try:
-                    answer = ray.get(future)
-                except ray.exceptions.RayActorError:
-                    self._replace(slot)
-                    continue
-                except ray.exceptions.RayTaskError as error:  # the worker's own code failed: its trials too
-                    for number in slot.trials:
-                        self._fail(number, str(error))
-                    slot.trials.clear()
-                    continue
-                self.stats["worker_steps"] += answer["steps"]
-                self.stats["prior_calls"] += answer["prior_calls"]
-                self.stats["max_members"] = max(self.stats["max_members"], answer["members"])
-                self.stats["worker_clocks"][answer["clock"].pid] = answer["clock"]
-                for report in answer["reports"]:
-                    self._handle(slot, report)
+            # Whichever worker answers first is handled and sent on at once: a worker whose trial ended
+            # early never waits for the others' advances to end.
+            (future,), _ = ray.wait(list(advancing), num_returns=1)
+            slot = advancing.pop(future)
+            try:
+                answer = ray.get(future)
+            except ray.exceptions.RayActorError:
+                self._replace(slot)
+                continue
+            except ray.exceptions.RayTaskError as error:  # the worker's own code failed: its trials too
+                for number in slot.trials:
+                    self._fail(number, str(error))
+                slot.trials.clear()
+                continue
+            self.stats["worker_steps"] += answer["steps"]
+            self.stats["prior_calls"] += answer["prior_calls"]
+            self.stats["max_members"] = max(self.stats["max_members"], answer["members"])
+            self.stats["worker_clocks"][answer["clock"].pid] = answer["clock"]
+            for report in answer["reports"]:
+                self._handle(slot, report)
         if self.progress is not None:
             self.progress.finished()
 
@@ -680,7 +726,7 @@ class PackedSweep:
     def _replace(self, slot: Slot) -> None:
         """A worker died (its node was lost): a new one takes its place; its trials continue from their
         files, on whichever worker has a slot first, each at most `retries` times."""
-        fresh = Slot.launch(self.actor_class, self.context, self.trials_root)
+        fresh = self.launch()
         slot.actor, slot.started = fresh.actor, fresh.started
         for number in sorted(slot.trials):
             attempts = int(self.study.trials[number].user_attrs.get(ATTEMPTS, 0)) + 1
