@@ -146,16 +146,17 @@ def test_a_packed_sweep_survives_3_driver_kills_and_2_node_losses_with_consisten
             assert code == 0, err
             wait_for_job(capsys, NAME, address, ("RUNNING",), timeout_s=60)
         else:
-            # A node whose worker holds trials now; then a new node joins in its place.
-            hosting = {
-                a.node_id
-                for a in list_actors(
+            # A node whose worker holds trials now (after a resume, once the new driver's workers are
+            # up); then a new node joins in its place.
+            def hosting_nodes():
+                actors = list_actors(
                     address=address, filters=[("class_name", "=", "PackWorker"), ("state", "=", "ALIVE")]
                 )
-            }
+                nodes = chaos_cluster.worker_node_ids()
+                return sorted({a.node_id for a in actors} & set(nodes))
+
+            victims = wait_for(hosting_nodes, 120, "a worker node holding a live PackWorker", every_s=0.5)
             nodes = chaos_cluster.worker_node_ids()
-            victims = sorted(node_id for node_id in hosting if node_id in nodes)
-            assert victims, f"no worker node holds a live PackWorker ({hosting})"
             victim = random.Random(SEED + len(kills)).choice(victims)
             assert nodes[victim].kill() > 0
             chaos_cluster.add_worker()
