@@ -12,7 +12,8 @@ Prints one JSON line:
   With no 3D model, no other view and no renderer in the loop, what this measures is the prior's own
   fixed point under each method.
 - `cos_cfgdir_t<t>`: cosine, over the 16 views of the 2 prompts' true renders at t, between the learned
-  prior's guidance direction ε_cond − ε_uncond and the exact prior's (the direction CFG scales by s − 1).
+  prior's guidance direction ε_cond − ε_uncond and the exact prior's (the direction CFG scales by s − 1);
+  `cos_cfgdir_pool4_t<t>` the same for both directions averaged over 4 × 4 pixel blocks.
 """
 
 from __future__ import annotations
@@ -70,7 +71,9 @@ def psnr(image: torch.Tensor, truth: torch.Tensor) -> float:
     return float(-10 * torch.log10((image - truth).pow(2).mean()))
 
 
-def cfg_direction_cosine(learned, exact, t_value: int) -> float:
+def cfg_direction_cosine(learned, exact, t_value: int, pool: int = 1) -> float:
+    """Mean over PROMPTS of the cosine between the two priors' ε_cond − ε_uncond on true renders at
+    t; `pool` > 1 compares the directions averaged over pool × pool pixel blocks (their coarse layout)."""
     cameras = exact.cameras.camera_vector()
     cosines = []
     for prompt in PROMPTS:
@@ -83,7 +86,7 @@ def cfg_direction_cosine(learned, exact, t_value: int) -> float:
         for prior in (learned, exact):
             cond = prior.predict_noise(x_t, t, prior.encode_text([prompt] * n), cameras)
             uncond = prior.predict_noise(x_t, t, prior.encode_text([""] * n), cameras)
-            directions.append((cond - uncond).flatten())
+            directions.append(F.avg_pool2d(cond - uncond, pool).flatten())
         cosines.append(float(F.cosine_similarity(*directions, dim=0)))
     return statistics.fmean(cosines)
 
@@ -116,6 +119,8 @@ def main() -> None:
     if learned is not None:
         for t_value in T_CHECKED:
             out[f"cos_cfgdir_t{t_value}"] = round(cfg_direction_cosine(learned, exact, t_value), 3)
+        for t_value in T_CHECKED:
+            out[f"cos_cfgdir_pool4_t{t_value}"] = round(cfg_direction_cosine(learned, exact, t_value, 4), 3)
     print(json.dumps(out), flush=True)
     if args.png:
         save_grid(args.png, [torch.cat(row, dim=2) for row in rows.values()])
