@@ -217,6 +217,46 @@ def test_the_training_bank_composes_true_renders_of_any_prompt_at_its_cameras():
     assert sum(p == "" for p in batch.prompts) < 20  # uncond_prob 0.1
 
 
+def test_guidance_asks_the_prior_about_a_render_exactly_as_the_prior_was_trained_on_it(prior):
+    """Per-prompt training hands the prior what its training batches held: the same pixels (the trainer's
+    32 px render resized to 16 px, in [-1, 1]), the same camera encoding, the same empty prompt for the
+    unconditional rows and the same noise schedule. docs/learned_prior.md §5 rules these out as the
+    cause of the CFG 7.5 failure; this keeps them ruled out."""
+    from trainers.config import TrainConfig
+    from trainers.per_prompt import TextConditioning
+    from trainers.reference.basis import all_layouts, render_basis
+    from trainers.reference.learned.data import SceneBank, layout_cameras
+    from trainers.reference.learned.train import training_noise_schedule
+    from trainers.reference.text_encoder import SceneTextEncoder
+
+    prompt = "a yellow cylinder on top of a pink cube"
+    cfg = DataConfig(cameras_per_layout=1)
+    layouts = all_layouts()
+    g = next(i for i, lay in enumerate(layouts) if lay.name == "cylinder on top of cube")
+    cameras = [layout_cameras(cfg, i) for i in range(len(layouts))]
+    maps = torch.zeros(len(layouts), 1, 3, 16, 16)
+    maps[g] = torch.nn.functional.interpolate(
+        render_basis(layouts[g], cameras[g], 32), (16, 16), mode="bilinear", align_corners=False
+    )
+    bank = SceneBank(maps, torch.stack([c.c2w for c in cameras]), [["front"]] * len(layouts), cfg)
+    trained_on = bank.image(g, 0, bank.prompts[g].index(prompt)) * 2 - 1  # as Batch.images holds it
+
+    guidance = make_guidance(GuidanceConfig(method="asd"), prior, max_steps=10)
+    render = render_scene(prompt, cameras[g], 32)["rgb"].permute(0, 3, 1, 2)  # what the trainer renders
+    asked = guidance.to_prior_input(render)[0]
+    assert asked.shape == trained_on.shape
+    assert (asked - trained_on).abs().max() < 1e-4
+
+    # the camera: guidance's class_labels are the flattened c2w the bank's batches carry
+    assert torch.equal(cameras[g].camera_vector(), bank.c2w[g, :1].reshape(1, 16))
+    # the unconditional rows: per-prompt training's negative prompt encodes as training's "" did
+    uncond = TextConditioning(prior, TrainConfig(prompt=prompt, prior=PriorConfig(name="reference-learned")))
+    trained_uncond = SceneTextEncoder(prior.config.text_encoder).encode([""])
+    assert torch.equal(uncond.uncond.cpu(), trained_uncond) and not trained_uncond.any()
+    # the noise schedule: guidance noises with the scheduler the weights ship, training with this one
+    assert torch.allclose(prior.alphas_cumprod.cpu(), training_noise_schedule(), atol=1e-6)
+
+
 def test_a_few_training_steps_lower_the_loss_and_write_a_loadable_weights_directory(tmp_path):
     import numpy as np
 

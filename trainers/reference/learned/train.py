@@ -55,6 +55,12 @@ class TrainSettings(ConfigBase):
     data: DataConfig = DataConfig()
 
 
+def training_noise_schedule() -> torch.Tensor:
+    """ᾱ_t the renders are noised with in training: SD's scaled-linear schedule, the one the weights'
+    scheduler/ holds and guidance noises with (`LearnedReferencePrior.alphas_cumprod`)."""
+    return sd_noise_schedule(1000)
+
+
 def training_loss(unet, batch, encoder: SceneTextEncoder, alphas: torch.Tensor, generator, device):
     """ε-prediction MSE on one batch of renders, t uniform over the training steps."""
     x0 = batch.images.to(device)
@@ -94,7 +100,7 @@ def train(
     settings_json = settings.model_dump(mode="json")
     bank = build_bank(settings.data, settings.model.image_size, cache_dir, progress=progress)
     encoder = SceneTextEncoder(settings.model.text_encoder)
-    alphas = sd_noise_schedule(1000)
+    alphas = training_noise_schedule()
 
     unet = build_unet(settings.model, seed=settings.seed).to(device)
     ema = copy.deepcopy(unet).requires_grad_(False)
