@@ -30,7 +30,7 @@ from tests.integration.sweeps import run_cli, wait_for, wait_for_job
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[2]
-NAME, TRIALS, STEPS, CHECKPOINT_EVERY = "chaos", 8, 40, 4
+NAME, TRIALS, STEPS, CHECKPOINT_EVERY = "chaos", 8, 32, 4
 SEED = int(os.environ.get("DREAMSWEEP_CHAOS_SEED", "0"))
 
 
