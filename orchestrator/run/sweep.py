@@ -168,16 +168,24 @@ def _run(
         tuner = build_tuner(
             spec, context, record.stores.tune_path, record.stores.optuna_url, [progress], steps_per_trial
         )
+    outcome, _ = timed(started, tuner.fit, lambda: finalize(spec, record))
+    return outcome
+
+
+def timed(started: float, fit, finish) -> tuple[SweepOutcome, Any]:
+    """Run a sweep's `fit()`, then `finish()` (the stores made to agree); the outcome carries how long
+    set-up (since `started`), fit and finalisation took, which the overhead benchmark reads.
+    Returns (the outcome, what `fit()` returned)."""
     fit_started = time.perf_counter()
-    tuner.fit()
+    result = fit()
     fit_ended = time.perf_counter()
-    outcome = finalize(spec, record)
+    outcome = finish()
     outcome.timings = {
         "setup": fit_started - started,
         "fit": fit_ended - fit_started,
         "finalize": time.perf_counter() - fit_ended,
     }
-    return outcome
+    return outcome, result
 
 
 def sweep_progress(spec: SweepSpec, record: SweepRecord, steps_per_trial: int, workspace) -> SweepProgress:
@@ -206,21 +214,17 @@ def _run_packed(spec, record, context, steps_per_trial, started, workspace) -> S
     from orchestrator.track.progress import PackedProgress
 
     progress = sweep_progress(spec, record, steps_per_trial, workspace)
-    fit_started = time.perf_counter()
-    stats = run_packed(
-        spec,
-        context,
-        record.stores.optuna_url,
-        packed_trials_root(record.stores.tune_path, spec.name),
-        lambda study: PackedProgress(progress, study, member_run_id),
-    )
-    fit_ended = time.perf_counter()
-    outcome = finalize_packed(spec, record)
-    outcome.timings = {
-        "setup": fit_started - started,
-        "fit": fit_ended - fit_started,
-        "finalize": time.perf_counter() - fit_ended,
-    }
+
+    def fit() -> dict:
+        return run_packed(
+            spec,
+            context,
+            record.stores.optuna_url,
+            packed_trials_root(record.stores.tune_path, spec.name),
+            lambda study: PackedProgress(progress, study, member_run_id),
+        )
+
+    outcome, stats = timed(started, fit, lambda: finalize_packed(spec, record))
     outcome.stats = stats
     return outcome
 
