@@ -118,14 +118,16 @@ def test_dreamsweep_resume_refuses_a_planted_checkpoint_and_creates_no_file(tmp_
 
     marker = tmp_path / "pwned"
     spec_path = tmp_path / "spec.yaml"
-    spec_path.write_text(yaml.safe_dump({**SPEC, "retries": 0}))
+    # Two trials, both in flight at once: once either has a checkpoint the kill can come, and after the
+    # resume no trial is left to run but the planted ones.
+    spec_path.write_text(yaml.safe_dump({**SPEC, "retries": 0, "trials": 2}))
     ws = Workspace(tmp_path / "ws")
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     with open(tmp_path / "submit.log", "w") as log:
         driver = subprocess.Popen(
             cli("submit", str(spec_path), "--workspace", str(ws.root)), env=env, stdout=log, stderr=log
         )
-        _, in_flight = wait_for_kill_point(ws, driver)
+        _, in_flight = wait_for_kill_point(ws, driver, need_done=False)
         os.kill(driver.pid, signal.SIGKILL)
         driver.wait()
     planted = glob.glob(f"{ws.root}/ray_results/killed/*/checkpoint_*/state.pt")

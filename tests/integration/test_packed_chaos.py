@@ -3,7 +3,9 @@ two per worker behind one prior call, submitted as a Ray Job to a multi-node clu
 While it runs, the driver is killed with SIGKILL 3 times (and resumed after each) and a worker node's
 processes are killed twice (a new node joins after each, as a cluster replaces a lost machine), at
 moments drawn from a seeded RNG. Then the stores must agree: every trial COMPLETE and none RUNNING in
-Optuna, one MLflow run per trial holding each step of its loss once, up to `max_steps`.
+Optuna, one MLflow run per trial holding each step of its loss once, up to `max_steps`; after each
+driver kill, a trial finished before it is not run again, and a trial in flight continues from the
+checkpoint it had committed. (It is the packed sweep's kill -9 resume test as well as its chaos test.)
 
 DREAMSWEEP_CHAOS_SEED picks the moments (default 0); a failure prints the seed and the kills it made.
 """
@@ -14,6 +16,7 @@ import json
 import os
 import random
 import signal
+import time
 from pathlib import Path
 
 import mlflow
@@ -28,12 +31,7 @@ from orchestrator.track import tracking
 from tests.integration.conftest import start_cluster
 from tests.integration.sweeps import run_cli, wait_for, wait_for_job
 
-# Opt-in (DREAMSWEEP_CHAOS=1) until its kill schedule has passed repeatedly: the schedule before this one
-# could be outrun by the sweep (docs/packing.md, "Chaos").
-pytestmark = [
-    pytest.mark.slow,
-    pytest.mark.skipif(os.environ.get("DREAMSWEEP_CHAOS") != "1", reason="opt-in: DREAMSWEEP_CHAOS=1"),
-]
+pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[2]
 NAME, TRIALS, STEPS, CHECKPOINT_EVERY = "chaos", 8, 96, 4
 SEED = int(os.environ.get("DREAMSWEEP_CHAOS_SEED", "0"))
@@ -98,6 +96,22 @@ def committed_fraction(trials_root: Path) -> float:
     return done / (TRIALS * STEPS)
 
 
+def committed_steps(trials_root: Path) -> dict[int, int | None]:
+    """Each started trial's last committed checkpoint step (None: none yet), or STEPS once finished."""
+    steps = {}
+    for trial in trials_root.glob("trial_*/replicate_0"):
+        number = int(trial.parent.name.split("_")[-1])
+        panel = trial / "panel.json"
+        committed = trial / "prompt_000" / "committed_checkpoint.json"
+        if panel.exists() and json.loads(panel.read_text())["position"] >= 1:
+            steps[number] = STEPS
+        elif committed.exists():
+            steps[number] = json.loads(committed.read_text())["step"]
+        else:
+            steps[number] = None
+    return steps
+
+
 def driver_processes(cluster_dir: Path) -> list[psutil.Process]:
     """The sweep's driver: the job's `python -m orchestrator.cli submit|resume` (not its /bin/sh),
     running in the job's working dir under the cluster's folder."""
@@ -145,6 +159,7 @@ def test_a_packed_sweep_survives_3_driver_kills_and_2_node_losses_with_consisten
         return done >= at
 
     plan, kills, last = chaos_plan(SEED), [], 0.05
+    driver_kills = []  # (time in ms, each trial's committed step just before the kill)
     for distance, kind in plan:
         at = last + distance
         wait_for(lambda at=at: reached(at), 300, f"{at:.0%} of the sweep committed", every_s=0.25)
@@ -152,7 +167,9 @@ def test_a_packed_sweep_survives_3_driver_kills_and_2_node_losses_with_consisten
             (driver,) = wait_for(
                 lambda: driver_processes(chaos_cluster.temp_dir), 60, "the sweep's driver process"
             )
+            before = committed_steps(trials_root)
             driver.send_signal(signal.SIGKILL)
+            driver_kills.append((time.time() * 1000, before))
             wait_for_job(capsys, NAME, address, ("FAILED",), timeout_s=60)
             code, _, err = run_cli(capsys, "resume", NAME, "--address", address)
             assert code == 0, err
@@ -206,3 +223,25 @@ def test_a_packed_sweep_survives_3_driver_kills_and_2_node_losses_with_consisten
         assert run.data.metrics["objective"] == pytest.approx(trials[number].value), (context, number)
         resumed += bool(client.get_metric_history(run.info.run_id, "trial/resumed_at_step"))
     assert resumed >= 1, context  # the kills landed on trials in flight, which continued from checkpoints
+
+    # After each driver kill, a trial finished before it was not run again, and a trial in flight
+    # continued from the checkpoint it had committed (or a newer one its orphaned worker committed
+    # before the new driver fenced it off), never from an older one or from scratch.
+    for kill_ms, before in driver_kills:
+        for number, step in before.items():
+            run_id = by_trial[number].info.run_id
+            later = [
+                m for m in client.get_metric_history(run_id, "trial/resumed_at_step") if m.timestamp > kill_ms
+            ]
+            if step == STEPS:
+                assert not later, (context, number, "finished before a driver kill, run again")
+            elif step is not None and later:
+                first = min(later, key=lambda m: m.timestamp)
+                assert step <= first.value < STEPS and first.value % CHECKPOINT_EVERY == 0, (
+                    context, number, step, first.value,
+                )  # fmt: skip
+            elif step is not None:
+                # Not resumed: its orphaned worker finished it before the new driver's fence, and the
+                # new driver found it finished on disk. Its last step was logged within the fence's time.
+                last_step = max(client.get_metric_history(run_id, "train/loss"), key=lambda m: m.step)
+                assert last_step.step == STEPS and last_step.timestamp < kill_ms + 90_000, (context, number)
