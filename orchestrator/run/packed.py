@@ -27,13 +27,19 @@ model (docs/packing.md says why). The pieces, top to bottom:
   and its trials continue from their checkpoints, each at most `retries` times.
 """
 
+# ruff: noqa: E402  (MODULE_LOADING_AT is set before the other imports, to time them)
 from __future__ import annotations
+
+import time
+
+# When a worker process began importing this module (a Ray actor's class is imported on its creation):
+# the start of the worker's "imports" in the overhead benchmark's split of its first trial start.
+MODULE_LOADING_AT = time.time()
 
 import json
 import math
 import os
 import statistics
-import time
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -119,6 +125,13 @@ class WorkerClock:
 
     pid: int = field(default_factory=os.getpid)
     prior_loads: int = 0
+    # The split of a worker's start: its imports (from MODULE_LOADING_AT to `ready_at`, the end of
+    # __init__), its prior load and its first members' set-up (configs, MLflow runs, 3D models).
+    imports_from: float = MODULE_LOADING_AT
+    ready_at: float | None = None
+    prior_s: float = 0.0
+    setup_s: float = 0.0  # every member's set-up, first and later ones (less the prior load)
+    first_setup_s: float | None = None  # the set-up done before the worker's first step
     first_step_at: float | None = None  # when its first pack step began
     last_step_at: float | None = None  # when its latest pack step ended
     compute_s: float = 0.0  # inside pack steps, less the trainers' callbacks
@@ -135,7 +148,8 @@ class WorkerClock:
         return wrapper
 
     def stepped(self, started: float, seconds: float, hooks_before: float) -> None:
-        self.first_step_at = self.first_step_at or started
+        if self.first_step_at is None:
+            self.first_step_at, self.first_setup_s = started, self.setup_s
         self.last_step_at = started + seconds
         self.compute_s += seconds - (self.hooks_s - hooks_before)
 
@@ -337,6 +351,7 @@ class PackWorker:
         self.clock = WorkerClock()
         # Trials that ended in `add` (failed to start, or found finished): reported by the next advance.
         self.unstarted: dict[int, TrialReport] = {}
+        self.clock.ready_at = time.time()
 
     def pid(self) -> int:
         return os.getpid()
@@ -344,6 +359,13 @@ class PackWorker:
     def add(self, number: int, params: dict, replicates: int) -> None:
         """Take trial `number` (new, or resumed from its files) into the pack. A trial that cannot start
         (its config refused, its checkpoint unreadable) is reported failed by the next `advance`."""
+        started = time.perf_counter()
+        try:
+            self._add(number, params, replicates)
+        finally:
+            self.clock.setup_s += time.perf_counter() - started
+
+    def _add(self, number: int, params: dict, replicates: int) -> None:
         try:
             trial = PackedTrial(self.context, number, params, replicates, self.trials_root, self.clock)
         except Exception as error:
@@ -353,8 +375,11 @@ class PackWorker:
         self.trials[number] = trial
         try:
             if self.prior is None:
+                loading = time.perf_counter()
                 self.prior = cached_prior(self.context, trial.configs[0][0])
                 self.clock.prior_loads = PRIOR_LOADS["count"]
+                self.clock.prior_s = time.perf_counter() - loading
+                self.clock.setup_s -= self.clock.prior_s
                 self._count_prior_calls()
             for replicate in trial.replicates:
                 if replicate.position < len(trial.panel):
