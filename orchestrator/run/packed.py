@@ -51,7 +51,7 @@ from optuna.trial import TrialState
 
 from orchestrator.internals import optuna_trial_id, tell_outside_optimize
 from orchestrator.run import worker_memory
-from orchestrator.run.trainable import (
+from orchestrator.run.trial_context import (
     OBJECTIVE,
     PRIOR_LOADS,
     SweepContext,

@@ -18,7 +18,7 @@ from mlflow.tracking import MlflowClient
 
 from orchestrator.errors import SweepExistsError
 from orchestrator.run.cluster import ClusterConfig, check_ray_fits, init_ray, load_cluster
-from orchestrator.run.trainable import SweepContext
+from orchestrator.run.trial_context import SweepContext
 from orchestrator.run.tuner import build_tuner, can_restore, experiment_path, optuna_storage, restore_tuner
 from orchestrator.run.workspace import SweepRecord, Workspace
 from orchestrator.spec.prompts import load_prompts
