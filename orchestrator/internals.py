@@ -9,9 +9,17 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from ray.train._internal.session import _TrainingResult as TrainingResult
+__all__ = ["PRIVATE_DETAILS", "ray_package_limit_bytes", "ray_cluster_schema", "check_all"]
 
-__all__ = ["TrainingResult", "PRIVATE_DETAILS", "ray_package_limit_bytes", "ray_cluster_schema", "check_all"]
+
+def __getattr__(name: str):
+    # `TrainingResult` on first use: importing ray.train costs a packed worker, which never needs it,
+    # about 0.5 s with ray.tune (tests/test_lazy_imports.py).
+    if name == "TrainingResult":
+        from ray.train._internal.session import _TrainingResult
+
+        return _TrainingResult
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def ray_package_limit_bytes() -> int:
@@ -37,6 +45,8 @@ def ray_cluster_schema() -> dict:
 
 def _training_result() -> None:
     import inspect
+
+    from ray.train._internal.session import _TrainingResult as TrainingResult
 
     params = inspect.signature(TrainingResult).parameters
     assert {"checkpoint", "metrics"} <= set(params), f"_TrainingResult takes {list(params)}"

@@ -4,7 +4,8 @@ Every Tune trial starts in a new worker process, so each import the trainer stac
 once per worker (tests/benchmarks/bench_sweep_overhead.py). A reference-prior trial (the CPU quickstart)
 needs no diffusers, peft or transformers: those load inside the priors, VSD's LoRA and the CLIP
 evaluation that use them. Checked in a fresh interpreter, since this test session has imported them.
-(torch._dynamo is not checked: every torch.optim optimizer imports it when it is built.)
+(torch._dynamo is not checked: every torch.optim optimizer imports it when it is built.) A packed
+worker (orchestrator.run.packed) imports neither Ray Tune nor Ray Train, which it never uses.
 
 `dreamsweep train` needs no orchestration library either: the GPU check (tests/benchmarks/gpu_check.sh)
 runs it on a machine that has PyTorch and the diffusion stack, but no Ray, MLflow or Optuna.
@@ -80,3 +81,14 @@ def test_dreamsweep_train_imports_no_orchestration_library(tmp_path: Path) -> No
     assert (tmp_path / "run" / "metrics.yaml").exists()  # the run really trained and finished
     imported = {name.partition(".")[0] for name in seen["modules"]} & set(ORCHESTRATION)
     assert not imported, f"dreamsweep train imported {sorted(imported)}"
+
+
+# A packed worker: its actor's module, then a trial trained as in WORKER.
+PACKED_WORKER = WORKER.replace("import orchestrator.run.trainable", "import orchestrator.run.packed")
+
+
+def test_a_packed_worker_imports_neither_ray_tune_nor_ray_train(tmp_path: Path) -> None:
+    seen = worker_modules(tmp_path, str(ROOT / "sweeps/configs/reference_cpu.yaml"), PACKED_WORKER)
+    assert "orchestrator.run.packed" in seen["modules"] and "ray" in seen["modules"]  # it is a Ray worker
+    imported = {".".join(name.split(".")[:2]) for name in seen["modules"]} & {"ray.tune", "ray.train"}
+    assert not imported, f"a packed worker imported {sorted(imported)} (about 0.5 s of its start)"
