@@ -286,17 +286,27 @@ def test_the_pruner_stops_a_poor_member_inside_a_running_sweep_and_the_others_fi
         # Stopped early, alone: fewer steps, each once, and tagged as Tune tags an ASHA-stopped trial.
         assert steps_logged == list(range(1, len(steps_logged) + 1)) and len(steps_logged) < steps
         assert run.data.tags["dreamsweep.stopped_early"] == "true"
-        # When it was stopped, an earlier trial had done better at that rung.
-        last_step = max(trial.intermediate_values)
+        # When it was stopped, another trial had done better at a rung it had just reached. Successive
+        # halving judges a trial's latest value at each rung its latest report passed, against the
+        # others' values at the report with which each passed that rung (reports come every 0.3 s,
+        # not at the rungs' steps, so that report may be past this trial's last step).
+        reported = sorted(trial.intermediate_values)
+        last_step, before = reported[-1], (reported[-2] if len(reported) > 1 else 0)
         own = trial.intermediate_values[last_step]
+        rungs = [r for r in (4 * 2**k for k in range(8)) if before < r <= last_step]
+
+        def at_rung(other, rung):
+            passed = [s for s in sorted(other.intermediate_values) if s >= rung]
+            return other.intermediate_values[passed[0]] if passed else None
+
         others = [
             value
             for other in study.trials
             if other.number != trial.number
-            for step, value in other.intermediate_values.items()
-            if step <= last_step
+            for rung in rungs
+            if (value := at_rung(other, rung)) is not None
         ]
-        assert others and min(others) < own
+        assert rungs and others and min(others) < own, (rungs, own, others)
 
 
 def test_a_new_driver_kills_the_workers_an_earlier_driver_left_before_it_resumes_their_trials(local_ray):
