@@ -321,3 +321,12 @@ def test_a_warm_start_copies_every_matching_tensor_and_leaves_only_new_blocks_fr
     assert result["fresh"] and all(
         k.startswith(("down_blocks.0.attentions.", "up_blocks.2.attentions.")) for k in result["fresh"]
     )
+    # the new blocks start as the identity: the warm-started network predicts what the source does
+    x, t = torch.randn(2, 3, 16, 16), torch.tensor([100, 700])
+    text, cams = torch.randn(2, 16, 64), torch.randn(2, N_CAMERA_FEATURES)
+    with torch.no_grad():
+        assert torch.allclose(
+            target(x, t, text, class_labels=cams).sample,
+            source(x, t, text, class_labels=cams).sample,
+            atol=1e-5,
+        )

@@ -87,8 +87,12 @@ def warm_start(unet, directory: str | Path) -> dict[str, list[str]]:
     source = UNet2DConditionModel.from_pretrained(Path(directory), subfolder="unet").state_dict()
     target = unet.state_dict()
     copied = {k: v for k, v in source.items() if k in target and target[k].shape == v.shape}
-    unet.load_state_dict(copied, strict=False)
-    return {"copied": sorted(copied), "fresh": sorted(set(target) - set(copied))}
+    fresh = sorted(set(target) - set(copied))
+    # A new attention block adds proj_out(...) to its input: zeroed, it starts as the identity, so the
+    # copied network's predictions are unchanged at the first step (as ControlNet starts its branches).
+    zeroed = {k: torch.zeros_like(target[k]) for k in fresh if ".proj_out." in k}
+    unet.load_state_dict(copied | zeroed, strict=False)
+    return {"copied": sorted(copied), "fresh": fresh}
 
 
 def _save_state(path: Path, state: dict) -> None:
