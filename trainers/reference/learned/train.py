@@ -28,6 +28,7 @@ from trainers.config_base import ConfigBase
 from trainers.priors.base import default_cache_dir
 from trainers.reference.learned.data import DataConfig, build_bank
 from trainers.reference.learned.model import (
+    INFO_FILE,
     LearnedModelConfig,
     build_unet,
     camera_features,
@@ -130,6 +131,11 @@ def train(
             f"{len(started_from['fresh'])} fresh",
             flush=True,
         )
+    # A warm start's steps add to those of the weights it started from.
+    warm_start_info = {}
+    if settings.init_from and (Path(settings.init_from) / INFO_FILE).is_file():
+        source_info = json.loads((Path(settings.init_from) / INFO_FILE).read_text())
+        warm_start_info["init_from_trained_steps"] = source_info.get("trained_steps")
     ema = copy.deepcopy(unet).requires_grad_(False)
     optimizer = torch.optim.AdamW(unet.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
     generator = torch.Generator().manual_seed(settings.seed)
@@ -168,6 +174,7 @@ def train(
             out,
             {
                 "trained_steps": step,
+                **warm_start_info,
                 "train_settings": settings_json,
                 "train_seconds": round(elapsed + time.perf_counter() - started, 1),
                 "command": "python -m trainers.reference.learned.train " + " ".join(_flags(settings)),
@@ -249,6 +256,7 @@ def _flags(settings: TrainSettings) -> list[str]:
         f"--steps {settings.steps}",
         f"--batch-size {settings.batch_size}",
         f"--lr {settings.lr}",
+        f"--warmup {settings.warmup}",
         f"--image-size {m.image_size}",
         f"--channels {','.join(map(str, m.block_out_channels))}",
         f"--cross-attention {','.join(str(int(a)) for a in m.cross_attention)}",
