@@ -297,3 +297,36 @@ def test_a_few_training_steps_lower_the_loss_and_write_a_loadable_weights_direct
         )["steps"]
         == 12
     )
+
+
+def test_a_warm_start_copies_every_matching_tensor_and_leaves_only_new_blocks_fresh(tmp_path):
+    from trainers.reference.learned.model import save_weights
+    from trainers.reference.learned.train import warm_start
+
+    small = dict(block_out_channels=(16, 32, 32), norm_num_groups=8, attention_head_dim=16)
+    source_cfg = LearnedModelConfig(**small)
+    source = build_unet(source_cfg, seed=1)
+    save_weights(source, source_cfg, tmp_path / "w", {"trained_steps": 0})
+    # the same network with text attention at the first (full-resolution) block too
+    target = build_unet(
+        LearnedModelConfig(
+            **small, cross_attention=(True, True, True), only_cross_attention=(True, False, False)
+        ),
+        seed=2,
+    )
+    result = warm_start(target, tmp_path / "w")
+    trained, now = source.state_dict(), target.state_dict()
+    assert set(result["copied"]) == set(trained)
+    assert all(torch.equal(now[k], trained[k]) for k in trained)
+    assert result["fresh"] and all(
+        k.startswith(("down_blocks.0.attentions.", "up_blocks.2.attentions.")) for k in result["fresh"]
+    )
+    # the new blocks start as the identity: the warm-started network predicts what the source does
+    x, t = torch.randn(2, 3, 16, 16), torch.tensor([100, 700])
+    text, cams = torch.randn(2, 16, 64), torch.randn(2, N_CAMERA_FEATURES)
+    with torch.no_grad():
+        assert torch.allclose(
+            target(x, t, text, class_labels=cams).sample,
+            source(x, t, text, class_labels=cams).sample,
+            atol=1e-5,
+        )

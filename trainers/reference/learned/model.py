@@ -50,6 +50,9 @@ class LearnedModelConfig(ConfigBase):
     layers_per_block: int = Field(1, ge=1)
     # Which blocks attend to the text (the others are plain ResNet blocks).
     cross_attention: tuple[bool, ...] = (False, True, True)
+    # Blocks whose attention layers both attend to the text (diffusers' `only_cross_attention`): no
+    # self-attention over the pixels, which at 16 px would cost 256 × 256 per head.
+    only_cross_attention: tuple[bool, ...] | None = None
     attention_head_dim: int = Field(32, ge=1)
     norm_num_groups: int = Field(16, ge=1)
     text_encoder: TextEncoderConfig = TextEncoderConfig()
@@ -75,9 +78,12 @@ def camera_features(c2w: torch.Tensor) -> torch.Tensor:
 def unet_kwargs(cfg: LearnedModelConfig) -> dict[str, Any]:
     if len(cfg.cross_attention) != len(cfg.block_out_channels):
         raise ValueError("model.cross_attention needs one entry per block of model.block_out_channels")
+    if cfg.only_cross_attention is not None and len(cfg.only_cross_attention) != len(cfg.block_out_channels):
+        raise ValueError("model.only_cross_attention needs one entry per block of model.block_out_channels")
     down = tuple("CrossAttnDownBlock2D" if a else "DownBlock2D" for a in cfg.cross_attention)
     up = tuple("CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(cfg.cross_attention))
-    return dict(
+    extra = {"only_cross_attention": tuple(cfg.only_cross_attention)} if cfg.only_cross_attention else {}
+    return extra | dict(
         sample_size=cfg.image_size,
         in_channels=3,
         out_channels=3,

@@ -28,6 +28,7 @@ from trainers.config_base import ConfigBase
 from trainers.priors.base import default_cache_dir
 from trainers.reference.learned.data import DataConfig, build_bank
 from trainers.reference.learned.model import (
+    INFO_FILE,
     LearnedModelConfig,
     build_unet,
     camera_features,
@@ -36,7 +37,7 @@ from trainers.reference.learned.model import (
 )
 from trainers.reference.prior import sd_noise_schedule
 from trainers.reference.scenes import scene_cache_dir
-from trainers.reference.text_encoder import SceneTextEncoder
+from trainers.reference.text_encoder import SceneTextEncoder, TextEncoderConfig
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "weights"
 STATE_FILE = "state.pt"
@@ -51,6 +52,10 @@ class TrainSettings(ConfigBase):
     weight_decay: float = Field(0.0, ge=0)
     ema_decay: float = Field(0.999, ge=0, lt=1)
     seed: int = 0
+    # Start from another weights directory's network (a warm start) instead of a fresh one: the
+    # parameters with the same name and shape are copied, the others (e.g. the attention of a block
+    # that had none) start fresh. Ignored when resuming from a checkpoint.
+    init_from: str | None = None
     model: LearnedModelConfig = LearnedModelConfig()
     data: DataConfig = DataConfig()
 
@@ -73,6 +78,22 @@ def training_loss(unet, batch, encoder: SceneTextEncoder, alphas: torch.Tensor, 
     cams = camera_features(batch.cameras).to(device)
     pred = unet(x_t, t.to(device), encoder_hidden_states=text, class_labels=cams).sample
     return torch.nn.functional.mse_loss(pred, noise)
+
+
+def warm_start(unet, directory: str | Path) -> dict[str, list[str]]:
+    """Copy the parameters of the UNet in weights `directory` that `unet` has with the same name and
+    shape; returns the names of those copied and of those left at their fresh initialisation."""
+    from diffusers import UNet2DConditionModel
+
+    source = UNet2DConditionModel.from_pretrained(Path(directory), subfolder="unet").state_dict()
+    target = unet.state_dict()
+    copied = {k: v for k, v in source.items() if k in target and target[k].shape == v.shape}
+    fresh = sorted(set(target) - set(copied))
+    # A new attention block adds proj_out(...) to its input: zeroed, it starts as the identity, so the
+    # copied network's predictions are unchanged at the first step (as ControlNet starts its branches).
+    zeroed = {k: torch.zeros_like(target[k]) for k in fresh if ".proj_out." in k}
+    unet.load_state_dict(copied | zeroed, strict=False)
+    return {"copied": sorted(copied), "fresh": fresh}
 
 
 def _save_state(path: Path, state: dict) -> None:
@@ -103,6 +124,18 @@ def train(
     alphas = training_noise_schedule()
 
     unet = build_unet(settings.model, seed=settings.seed).to(device)
+    if settings.init_from and not state_path.exists():
+        started_from = warm_start(unet, settings.init_from)
+        print(
+            f"warm start from {settings.init_from}: {len(started_from['copied'])} tensors copied, "
+            f"{len(started_from['fresh'])} fresh",
+            flush=True,
+        )
+    # A warm start's steps add to those of the weights it started from.
+    warm_start_info = {}
+    if settings.init_from and (Path(settings.init_from) / INFO_FILE).is_file():
+        source_info = json.loads((Path(settings.init_from) / INFO_FILE).read_text())
+        warm_start_info["init_from_trained_steps"] = source_info.get("trained_steps")
     ema = copy.deepcopy(unet).requires_grad_(False)
     optimizer = torch.optim.AdamW(unet.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
     generator = torch.Generator().manual_seed(settings.seed)
@@ -141,6 +174,7 @@ def train(
             out,
             {
                 "trained_steps": step,
+                **warm_start_info,
                 "train_settings": settings_json,
                 "train_seconds": round(elapsed + time.perf_counter() - started, 1),
                 "command": "python -m trainers.reference.learned.train " + " ".join(_flags(settings)),
@@ -222,11 +256,20 @@ def _flags(settings: TrainSettings) -> list[str]:
         f"--steps {settings.steps}",
         f"--batch-size {settings.batch_size}",
         f"--lr {settings.lr}",
+        f"--warmup {settings.warmup}",
         f"--image-size {m.image_size}",
         f"--channels {','.join(map(str, m.block_out_channels))}",
+        f"--cross-attention {','.join(str(int(a)) for a in m.cross_attention)}",
+        f"--position-scale {m.text_encoder.position_scale}",
+        *(
+            [f"--only-cross-attention {','.join(str(int(a)) for a in m.only_cross_attention)}"]
+            if m.only_cross_attention
+            else []
+        ),
+        f"--uncond-prob {d.uncond_prob}",
         f"--cameras-per-layout {d.cameras_per_layout}",
         f"--seed {settings.seed}",
-    ]
+    ] + ([f"--init-from {settings.init_from}"] if settings.init_from else [])
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -243,6 +286,27 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--channels",
         default=",".join(map(str, defaults.model.block_out_channels)),
         help="block_out_channels, comma-separated (one per UNet block)",
+    )
+    parser.add_argument(
+        "--cross-attention",
+        default=None,
+        help="which blocks attend to the text, 0/1 comma-separated (default: all but the first)",
+    )
+    parser.add_argument(
+        "--only-cross-attention",
+        default=None,
+        help="blocks whose attention layers both attend to the text (no pixel self-attention), 0/1 comma-separated",
+    )
+    parser.add_argument(
+        "--position-scale",
+        type=float,
+        default=defaults.model.text_encoder.position_scale,
+        help="the text encoder's position code, relative to its unit word vectors (how loudly word order speaks)",
+    )
+    parser.add_argument("--uncond-prob", type=float, default=defaults.data.uncond_prob)
+    parser.add_argument("--warmup", type=int, default=defaults.warmup)
+    parser.add_argument(
+        "--init-from", default=None, help="a weights directory to start the network from (a warm start)"
     )
     parser.add_argument("--norm-groups", type=int, default=defaults.model.norm_num_groups)
     parser.add_argument("--cameras-per-layout", type=int, default=defaults.data.cameras_per_layout)
@@ -271,19 +335,32 @@ def main(argv: list[str] | None = None) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     channels = tuple(int(c) for c in args.channels.split(","))
+    cross_attention = (
+        tuple(bool(int(a)) for a in args.cross_attention.split(","))
+        if args.cross_attention
+        else (False,) + (True,) * (len(channels) - 1)
+    )
     model = LearnedModelConfig(
         image_size=args.image_size,
         block_out_channels=channels,
-        cross_attention=(False,) + (True,) * (len(channels) - 1),
+        cross_attention=cross_attention,
+        only_cross_attention=(
+            tuple(bool(int(a)) for a in args.only_cross_attention.split(","))
+            if args.only_cross_attention
+            else None
+        ),
         norm_num_groups=args.norm_groups,
+        text_encoder=TextEncoderConfig(position_scale=args.position_scale),
     )
     settings = TrainSettings(
         steps=args.steps,
         batch_size=args.batch_size,
         lr=args.lr,
+        warmup=args.warmup,
         seed=args.seed,
+        init_from=str(Path(args.init_from).resolve()) if args.init_from else None,
         model=model,
-        data=DataConfig(cameras_per_layout=args.cameras_per_layout),
+        data=DataConfig(cameras_per_layout=args.cameras_per_layout, uncond_prob=args.uncond_prob),
     )
     root = scene_cache_dir(args.cache_dir if args.cache_dir else default_cache_dir())
     checkpoint_dir = args.checkpoint_dir or root / "learned_train" / args.out.resolve().name
