@@ -9,6 +9,8 @@ machine can keep apart. PostgreSQL missing: the tests skip, unless DREAMSWEEP_RE
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import pytest
 
@@ -46,21 +48,20 @@ def mlflow_server(postgres):
         server.stop()
 
 
-def start_cluster(offset: int) -> LocalCluster:
+@contextmanager
+def own_cluster(offset: int) -> Iterator[LocalCluster]:
+    """A head and two worker nodes on ports PORT_BASE + offset..., stopped on the way out (a failed
+    start included)."""
     cluster = new_cluster(PORT_BASE + offset)
     try:
         cluster.start(workers=2, env={"DREAMSWEEP_FAKE_STEP_S": FAKE_STEP_S})
-    except BaseException:
+        yield cluster
+    finally:
         cluster.stop()
-        raise
-    return cluster
 
 
 @pytest.fixture(scope="module")
 def cluster():
     """A head (no GPU) and two worker nodes with one logical GPU and one CPU each."""
-    cluster = start_cluster(0)
-    try:
+    with own_cluster(0) as cluster:
         yield cluster
-    finally:
-        cluster.stop()

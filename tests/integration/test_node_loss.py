@@ -13,7 +13,7 @@ from optuna.trial import TrialState
 
 from orchestrator.run.trainable import TAG_NODES
 from orchestrator.track import tracking
-from tests.integration.conftest import start_cluster
+from tests.integration.conftest import own_cluster
 from tests.integration.sweeps import run_cli, wait_for, wait_for_job, write_spec
 
 pytestmark = pytest.mark.slow
@@ -22,11 +22,8 @@ CHECKPOINT_EVERY, STEPS, LOG_EVERY = 10, 100, 5
 
 @pytest.fixture
 def doomed_cluster():
-    cluster = start_cluster(100)  # its own cluster: the test kills one of its nodes
-    try:
+    with own_cluster(100) as cluster:  # its own cluster: the test kills one of its nodes
         yield cluster
-    finally:
-        cluster.stop()
 
 
 def test_a_lost_node_s_trial_resumes_on_the_survivor_and_the_stores_stay_consistent(

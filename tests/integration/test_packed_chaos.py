@@ -28,7 +28,7 @@ from optuna.trial import TrialState
 from ray.util.state import list_actors
 
 from orchestrator.track import tracking
-from tests.integration.conftest import start_cluster
+from tests.integration.conftest import own_cluster
 from tests.integration.sweeps import run_cli, wait_for, wait_for_job
 
 pytestmark = pytest.mark.slow
@@ -131,11 +131,8 @@ def driver_processes(cluster_dir: Path) -> list[psutil.Process]:
 
 @pytest.fixture
 def chaos_cluster():
-    cluster = start_cluster(200)  # its own cluster: nodes are killed and added
-    try:
+    with own_cluster(200) as cluster:  # its own cluster: nodes are killed and added
         yield cluster
-    finally:
-        cluster.stop()
 
 
 def test_a_packed_sweep_survives_3_driver_kills_and_2_node_losses_with_consistent_stores(
