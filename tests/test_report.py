@@ -66,14 +66,21 @@ def workspace(tmp_path_factory):
     return ws
 
 
-def start_running_sweep(ws: Workspace, tmp) -> None:
-    """A sweep whose one trial is mid-way, as a worker leaves MLflow after its first validation grid."""
-    spec = load_sweep_spec(search_spec("running", "asd", trials=1))
+def register_sweep(ws: Workspace, spec):
+    """What a driver records before its trials start: the stores, the experiment and its parent run.
+    Returns (stores, MLflow client, experiment id, parent run id)."""
     stores = ws.stores_for(spec)
     client = mlflow.MlflowClient(stores.mlflow_uri)
     experiment = tracking.ensure_experiment(client, spec.name, stores.mlflow_artifacts)
     parent = tracking.start_parent_run(client, experiment, spec.name, spec_to_dict(spec), {})
     ws.register(spec, SweepRecord(spec.name, stores, experiment_id=experiment, parent_run_id=parent))
+    return stores, client, experiment, parent
+
+
+def start_running_sweep(ws: Workspace, tmp) -> None:
+    """A sweep whose one trial is mid-way, as a worker leaves MLflow after its first validation grid."""
+    spec = load_sweep_spec(search_spec("running", "asd", trials=1))
+    stores, client, experiment, parent = register_sweep(ws, spec)
     identity = tracking.TrialIdentity(
         "running",
         experiment,
@@ -342,11 +349,7 @@ def replicated(tmp_path_factory):
     ws = Workspace(tmp_path_factory.mktemp("ws-seeds"))
     extra = {"pack": 3, "replicates": 3, "objective": {"metric": "eval/psnr", "mode": "max"}}
     spec = load_sweep_spec(search_spec("seeds", "asd", **extra))
-    stores = ws.stores_for(spec)
-    client = mlflow.MlflowClient(stores.mlflow_uri)
-    experiment = tracking.ensure_experiment(client, spec.name, stores.mlflow_artifacts)
-    parent = tracking.start_parent_run(client, experiment, spec.name, spec_to_dict(spec), {})
-    ws.register(spec, SweepRecord(spec.name, stores, experiment_id=experiment, parent_run_id=parent))
+    stores, client, experiment, parent = register_sweep(ws, spec)
     study = optuna.create_study(
         study_name="seeds", storage=optuna_storage(stores.optuna_url), direction="maximize"
     )
