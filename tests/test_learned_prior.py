@@ -290,13 +290,16 @@ def test_a_few_training_steps_lower_the_loss_and_write_a_loadable_weights_direct
     assert summary["steps"] == 12 and sum(losses[-2:]) < sum(losses[:2])
     prior = LearnedReferencePrior.from_pretrained(tmp_path / "w")
     assert prior.info["trained_steps"] == 12
+    def resume(s: TrainSettings) -> dict:
+        return train(s, tmp_path / "w", tmp_path / "ck", tmp_path / "cache", torch.device("cpu"), progress=False)
+
     # resuming a finished run does no more steps and keeps the step count
-    assert (
-        train(
-            settings, tmp_path / "w", tmp_path / "ck", tmp_path / "cache", torch.device("cpu"), progress=False
-        )["steps"]
-        == 12
-    )
+    assert resume(settings)["steps"] == 12
+    # a larger step target trains on from the checkpoint; another training setting is refused
+    assert resume(settings.model_copy(update={"steps": 15}))["steps"] == 15
+    assert LearnedReferencePrior.from_pretrained(tmp_path / "w").info["trained_steps"] == 15
+    with pytest.raises(SystemExit, match="other settings"):
+        resume(settings.model_copy(update={"steps": 20, "lr": 1e-3}))
 
 
 def test_a_warm_start_copies_every_matching_tensor_and_leaves_only_new_blocks_fresh(tmp_path):

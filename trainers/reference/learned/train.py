@@ -102,6 +102,10 @@ def _save_state(path: Path, state: dict) -> None:
     os.replace(tmp, path)
 
 
+def _without_steps(settings_json: dict) -> dict:
+    return {k: v for k, v in settings_json.items() if k != "steps"}
+
+
 def train(
     settings: TrainSettings,
     out: Path,
@@ -142,7 +146,9 @@ def train(
     step, elapsed = 0, 0.0
     if state_path.exists():
         state = torch.load(state_path, map_location=device, weights_only=False)
-        if state["settings"] != settings_json:
+        # The step target is not a training setting (the learning rate is constant after warm-up), so a
+        # run can be resumed with a larger --steps to train on.
+        if _without_steps(state["settings"]) != _without_steps(settings_json):
             raise SystemExit(
                 f"{state_path} was trained with other settings; resume with the same flags, or pass a new "
                 f"--checkpoint-dir (or delete it) to start over.\nsaved:  {state['settings']}\nasked:  {settings_json}"
