@@ -8,6 +8,7 @@ from trainers.cameras import (
     CameraBatch,
     CameraConfig,
     CameraSampler,
+    camera_pose,
     generate_rays,
     orbit_cameras,
     spread_cameras,
@@ -130,11 +131,12 @@ def test_turntable_goes_once_around_at_fixed_elevation_starting_in_front():
     assert torch.allclose(torch.rad2deg(cams.fovy), torch.full((8,), 50.0))
 
 
-def test_camera_batch_flattens_c2w_into_a_camera_vector_and_moves_devices():
-    cams = orbit_cameras(torch.tensor([0.0, 10.0, 20.0]), 30.0, 2.0, 40.0)
+def test_camera_batch_flattens_c2w_and_fovy_into_a_camera_vector_and_moves_devices():
+    cams = orbit_cameras(torch.tensor([0.0, 10.0, 20.0]), 30.0, 2.0, torch.tensor([40.0, 50.0, 60.0]))
     vector = cams.camera_vector()
-    assert vector.shape == (3, 16)
-    assert torch.equal(vector[1].reshape(4, 4), cams.c2w[1])
+    assert vector.shape == (3, 17)
+    assert torch.equal(camera_pose(vector)[1].reshape(4, 4), cams.c2w[1])
+    assert torch.allclose(vector[:, 16], torch.deg2rad(torch.tensor([40.0, 50.0, 60.0])))
     moved = cams.to("cpu")
     assert isinstance(moved, CameraBatch) and torch.equal(moved.c2w, cams.c2w)
 

@@ -22,6 +22,7 @@ from trainers.reference.learned.data import DataConfig
 from trainers.reference.learned.model import (
     INFO_FILE,
     N_CAMERA_FEATURES,
+    N_CAMERA_FEATURES_V1,
     LearnedModelConfig,
     build_unet,
     camera_features,
@@ -39,7 +40,7 @@ SHIPPED_CONFIG = {
     "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
     "cross_attention_dim": 64,
     "class_embed_type": "projection",
-    "projection_class_embeddings_input_dim": N_CAMERA_FEATURES,
+    "projection_class_embeddings_input_dim": N_CAMERA_FEATURES_V1,  # camera features version 1: no fovy
 }
 # docs/learned_prior.md: at t = 50 on true renders, the shipped weights' ε̂ has at most this fraction of
 # the untrained network's mean squared error against the true noise.
@@ -95,7 +96,11 @@ def test_at_t50_the_learned_eps_is_much_closer_to_the_true_noise_than_an_untrain
     text = prior.encode_text(PROMPTS)
     labels = cameras.camera_vector()
     learned = (prior.predict_noise(x_t, t, text, labels) - noise).pow(2).mean()
-    untrained = LearnedReferencePrior(build_unet(prior.config).eval(), prior.scheduler, prior.info)
+    untrained = LearnedReferencePrior(
+        build_unet(prior.config, camera_features_version=prior.info["camera_features_version"]).eval(),
+        prior.scheduler,
+        prior.info,
+    )
     baseline = (untrained.predict_noise(x_t, t, text, labels) - noise).pow(2).mean()
     assert learned <= MAX_ERROR_RATIO_AT_T50 * baseline, (float(learned), float(baseline))
 
@@ -124,7 +129,19 @@ def test_camera_features_read_elevation_azimuth_and_distance_from_the_c2w():
     f = camera_features(cameras.camera_vector())
     assert f.shape == (2, N_CAMERA_FEATURES)
     assert torch.allclose(f[:, 0], torch.tensor([1.0, -(0.5**0.5)]), atol=1e-5)  # sin(azimuth)
-    assert torch.allclose(f[:, -1], torch.tensor([-1.0, 1.0]), atol=1e-5)  # distance, normalised
+    assert torch.allclose(f[:, -2], torch.tensor([-1.0, 1.0]), atol=1e-5)  # distance, normalised
+
+
+def test_camera_features_version_2_read_the_fovy_and_version_1_weights_still_get_theirs():
+    cameras = orbit_cameras(15.0, 0.0, 1.75, torch.tensor([40.0, 55.0, 70.0]))
+    f = camera_features(cameras.camera_vector())
+    assert torch.allclose(f[:, -1], torch.tensor([-1.0, 0.0, 1.0]), atol=1e-5)  # fovy, normalised
+    # the first weights' features stop before the fovy, from a camera vector or a bare c2w
+    v1 = camera_features(cameras.camera_vector(), version=1)
+    assert torch.equal(v1, f[:, :-1]) and torch.equal(camera_features(cameras.c2w, version=1), v1)
+    # version 2 cannot be computed without the fovy: the error says what to pass
+    with pytest.raises(ValueError, match=r"camera_vector\(\)"):
+        camera_features(cameras.c2w.reshape(3, 16))
 
 
 def test_a_missing_weights_directory_is_refused_naming_the_key_and_how_to_retrain(tmp_path):
@@ -207,12 +224,12 @@ def test_the_training_bank_composes_true_renders_of_any_prompt_at_its_cameras():
     rendered = render_basis(layouts[g], cameras[g], 32)
     maps[g] = torch.nn.functional.interpolate(rendered, (16, 16), mode="bilinear", align_corners=False)
     labels = [["front", "side"]] * len(layouts)
-    bank = SceneBank(maps, torch.stack([c.c2w for c in cameras]), labels, cfg)
+    bank = SceneBank(maps, torch.stack([c.camera_vector() for c in cameras]), labels, cfg)
     k = bank.prompts[g].index("a green torus beside a purple cone")
     truth = true_renders(["a green torus beside a purple cone"], cameras[g][torch.tensor([0])])[0]
     assert (bank.image(g, 0, k) - truth).abs().max() < 1e-4
     batch = bank.sample(64, torch.Generator().manual_seed(0))
-    assert batch.images.shape == (64, 3, 16, 16) and batch.cameras.shape == (64, 16)
+    assert batch.images.shape == (64, 3, 16, 16) and batch.cameras.shape == (64, 17)
     assert "" in batch.prompts and any(p.endswith(" view") for p in batch.prompts)
     assert sum(p == "" for p in batch.prompts) < 20  # uncond_prob 0.1
 
@@ -238,7 +255,7 @@ def test_guidance_asks_the_prior_about_a_render_exactly_as_the_prior_was_trained
     maps[g] = torch.nn.functional.interpolate(
         render_basis(layouts[g], cameras[g], 32), (16, 16), mode="bilinear", align_corners=False
     )
-    bank = SceneBank(maps, torch.stack([c.c2w for c in cameras]), [["front"]] * len(layouts), cfg)
+    bank = SceneBank(maps, torch.stack([c.camera_vector() for c in cameras]), [["front"]] * len(layouts), cfg)
     trained_on = bank.image(g, 0, bank.prompts[g].index(prompt)) * 2 - 1  # as Batch.images holds it
 
     guidance = make_guidance(GuidanceConfig(method="asd"), prior, max_steps=10)
@@ -247,8 +264,8 @@ def test_guidance_asks_the_prior_about_a_render_exactly_as_the_prior_was_trained
     assert asked.shape == trained_on.shape
     assert (asked - trained_on).abs().max() < 1e-4
 
-    # the camera: guidance's class_labels are the flattened c2w the bank's batches carry
-    assert torch.equal(cameras[g].camera_vector(), bank.c2w[g, :1].reshape(1, 16))
+    # the camera: guidance's class_labels are the camera vectors (c2w, fovy) the bank's batches carry
+    assert torch.equal(cameras[g].camera_vector(), bank.cameras[g, :1])
     # the unconditional rows: per-prompt training's negative prompt encodes as training's "" did
     uncond = TextConditioning(prior, TrainConfig(prompt=prompt, prior=PriorConfig(name="reference-learned")))
     trained_uncond = SceneTextEncoder(prior.config.text_encoder).encode([""])
@@ -290,8 +307,11 @@ def test_a_few_training_steps_lower_the_loss_and_write_a_loadable_weights_direct
     assert summary["steps"] == 12 and sum(losses[-2:]) < sum(losses[:2])
     prior = LearnedReferencePrior.from_pretrained(tmp_path / "w")
     assert prior.info["trained_steps"] == 12
+
     def resume(s: TrainSettings) -> dict:
-        return train(s, tmp_path / "w", tmp_path / "ck", tmp_path / "cache", torch.device("cpu"), progress=False)
+        return train(
+            s, tmp_path / "w", tmp_path / "ck", tmp_path / "cache", torch.device("cpu"), progress=False
+        )
 
     # resuming a finished run does no more steps and keeps the step count
     assert resume(settings)["steps"] == 12
@@ -333,3 +353,23 @@ def test_a_warm_start_copies_every_matching_tensor_and_leaves_only_new_blocks_fr
             source(x, t, text, class_labels=cams).sample,
             atol=1e-5,
         )
+
+
+def test_a_warm_start_onto_camera_features_with_the_fovy_predicts_what_the_source_did(tmp_path):
+    """Weights trained on version 1 camera features (no fovy) warm-start a version 2 network: the camera
+    embedding's first layer gains one input with zero weight, so the predictions start unchanged."""
+    from trainers.reference.learned.model import save_weights
+    from trainers.reference.learned.train import warm_start
+
+    cfg = LearnedModelConfig(block_out_channels=(16, 32, 32), norm_num_groups=8, attention_head_dim=16)
+    source = build_unet(cfg, seed=3, camera_features_version=1)
+    save_weights(source, cfg, tmp_path / "w", {"trained_steps": 0})
+    target = build_unet(cfg, seed=4)
+    result = warm_start(target, tmp_path / "w")
+    assert result["fresh"] == [] and "class_embedding.linear_1.weight" in result["copied"]
+    cameras = orbit_cameras(15.0, torch.tensor([0.0, 90.0]), 1.75, torch.tensor([40.0, 70.0])).camera_vector()
+    x, t, text = torch.randn(2, 3, 16, 16), torch.tensor([100, 700]), torch.randn(2, 16, 64)
+    with torch.no_grad():
+        before = source(x, t, text, class_labels=camera_features(cameras, version=1)).sample
+        after = target(x, t, text, class_labels=camera_features(cameras)).sample
+    assert torch.allclose(after, before, atol=1e-5)

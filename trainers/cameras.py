@@ -102,8 +102,19 @@ class CameraBatch:
         return CameraBatch(**{f.name: getattr(self, f.name)[index] for f in fields(self)})
 
     def camera_vector(self) -> torch.Tensor:
-        """[B, 16] flattened c2w: the camera condition VSD's LoRA is given."""
-        return self.c2w.reshape(len(self), 16)
+        """[B, 17]: the flattened c2w, then the fovy (radians). What guidance passes a camera-conditioned
+        prior as `class_labels`; `camera_pose` reads the c2w back. The fovy is there because at a
+        given pose it sets how large the object appears (tan(fovy/2) varies 2× over the default
+        range), so a prior that is not told it cannot know the silhouette's size."""
+        return torch.cat([self.c2w.reshape(len(self), 16), self.fovy.reshape(len(self), 1)], dim=1)
+
+
+POSE_DIM = 16  # the flattened c2w at the front of a camera vector
+
+
+def camera_pose(camera_vectors: torch.Tensor) -> torch.Tensor:
+    """[B, 16] flattened c2w of camera vectors [B, 17] (a bare [B, 16] c2w is returned as it is)."""
+    return camera_vectors[..., :POSE_DIM]
 
 
 def _as_tensor(value: float | Sequence[float] | torch.Tensor) -> torch.Tensor:

@@ -15,11 +15,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from trainers.cameras import POSE_DIM, camera_pose
 from trainers.guidance import Guidance, GuidanceConfig, add_noise, distillation_grad
 from trainers.priors.base import DiffusionPrior
 
 ADAPTER_NAME = "dreamsweep_vsd"
-CAMERA_DIM = 16  # a flattened c2w
+CAMERA_DIM = POSE_DIM  # the LoRA is conditioned on the flattened c2w, as in threestudio
 
 
 class UNetLoRAScore(nn.Module):
@@ -74,7 +75,7 @@ class UNetLoRAScore(nn.Module):
 
     def forward(self, x_t, t, embeddings, cameras):
         with self.active():
-            labels = cameras.to(self.prior.device) if self.camera_embedding is not None else None
+            labels = camera_pose(cameras).to(self.prior.device) if self.camera_embedding is not None else None
             return self.prior.predict_noise(x_t, t, embeddings, class_labels=labels)
 
     def close(self) -> None:
@@ -108,7 +109,8 @@ class ResidualScore(nn.Module):
         n, _, h, w = x_t.shape
         features = [x_t, (t.float() / self.prior.num_train_timesteps).view(n, 1, 1, 1).expand(n, 1, h, w)]
         if self.camera_condition:
-            features.append(cameras.to(x_t.device).view(n, CAMERA_DIM, 1, 1).expand(n, CAMERA_DIM, h, w))
+            pose = camera_pose(cameras).to(x_t.device)
+            features.append(pose.reshape(n, CAMERA_DIM, 1, 1).expand(n, CAMERA_DIM, h, w))
         return base + self.net(torch.cat(features, dim=1))
 
     def close(self) -> None:

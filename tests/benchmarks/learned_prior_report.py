@@ -285,7 +285,11 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
     learned = LearnedReferencePrior.from_pretrained(args.weights)
-    untrained = LearnedReferencePrior(build_unet(learned.config).eval(), learned.scheduler, learned.info)
+    untrained = LearnedReferencePrior(
+        build_unet(learned.config, camera_features_version=learned.info["camera_features_version"]).eval(),
+        learned.scheduler,
+        learned.info,
+    )
     exact = exact_prior(learned.image_size)
     views = exact.cameras
     labels = views.camera_vector()

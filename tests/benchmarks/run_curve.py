@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from trainers.config import load_train_config
+from trainers.config_base import parse_overrides
 from trainers.per_prompt import Trainer
 from trainers.reference.scenes import evaluation_cameras, render_scene
 
@@ -35,7 +36,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
     milestones = sorted(int(s) for s in args.steps.split(","))
-    overrides = {"device": "cpu", **dict(o.split("=", 1) for o in args.overrides)}
+    overrides = {"device": "cpu", **parse_overrides(args.overrides)}
     overrides |= {"prompt": args.prompt, "max_steps": milestones[-1]}
     config = load_train_config(args.config, overrides)
     trainer = Trainer(config)

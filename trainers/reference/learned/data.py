@@ -51,14 +51,15 @@ class DataConfig(ConfigBase):
 class Batch:
     images: torch.Tensor  # [B, 3, S, S] in [-1, 1]
     prompts: list[str]  # "" for the unconditional rows
-    cameras: torch.Tensor  # [B, 16] flattened c2w
+    cameras: torch.Tensor  # [B, 17] camera vectors (flattened c2w, then fovy)
 
 
 class SceneBank:
     """Basis maps [G, C, 3, S, S] of every layout at its own C cameras, and the colourings to apply."""
 
-    def __init__(self, maps: torch.Tensor, c2w: torch.Tensor, labels: list[list[str]], cfg: DataConfig):
-        self.maps, self.c2w, self.labels, self.cfg = maps, c2w, labels, cfg
+    def __init__(self, maps: torch.Tensor, cameras: torch.Tensor, labels: list[list[str]], cfg: DataConfig):
+        # cameras: [G, C, 17], each camera's `camera_vector()`, as guidance passes it
+        self.maps, self.cameras, self.labels, self.cfg = maps, cameras, labels, cfg
         self.layouts = all_layouts()
         background = cfg.scene.background_color
         # Every prompt as (layout index, its 3×3 colour matrix), grouped by layout.
@@ -94,7 +95,7 @@ class SceneBank:
             prompts.append(prompt)
         maps = self.maps[g, c]  # [B, 3 maps, S, S]
         images = torch.einsum("bmhw,bmc->bchw", maps, torch.stack(coefficients))
-        return Batch(images * 2 - 1, prompts, self.c2w[g, c].reshape(batch_size, 16))
+        return Batch(images * 2 - 1, prompts, self.cameras[g, c])
 
     def image(self, layout: int, camera: int, colouring: int) -> torch.Tensor:
         """One render [3, S, S] in [0, 1]."""
@@ -123,10 +124,10 @@ def build_bank(
     layouts = all_layouts()
     cameras = [layout_cameras(cfg, i) for i in range(len(layouts))]
     labels = [view_direction_labels(cam.elevation, cam.azimuth, cfg.camera) for cam in cameras]
-    c2w = torch.stack([cam.c2w for cam in cameras])  # [G, C, 4, 4]
+    vectors = torch.stack([cam.camera_vector() for cam in cameras])  # [G, C, 17]
     if path is not None and path.exists():
         with np.load(path) as data:
-            return SceneBank(torch.from_numpy(data["maps"]), c2w, labels, cfg)
+            return SceneBank(torch.from_numpy(data["maps"]), vectors, labels, cfg)
     maps = []
     for lay, cam in zip(
         tqdm(layouts, desc="rendering the training bank", disable=not progress, dynamic_ncols=True),
@@ -140,7 +141,7 @@ def build_bank(
         tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.npz")
         np.savez(tmp, maps=stacked.numpy())
         os.replace(tmp, path)
-    return SceneBank(stacked, c2w, labels, cfg)
+    return SceneBank(stacked, vectors, labels, cfg)
 
 
 def _pooled(maps: torch.Tensor, size: int) -> torch.Tensor:

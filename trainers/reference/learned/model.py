@@ -4,10 +4,10 @@ The network is diffusers' `UNet2DConditionModel`, the class Stable Diffusion use
 - the prompt enters as cross-attention states, the deterministic `SceneTextEncoder`'s token sequence
   [N, 16, 64] (all zeros for the empty, unconditional prompt);
 - the camera enters as MVDream does it, through the class embedding added to the timestep embedding
-  (`class_embed_type="projection"`): a 2-layer MLP of `camera_features`, computed from the flattened
-  c2w [B, 16] that guidance passes as `class_labels`, so any camera can be asked, not only 16 views.
-  The field of view is not part of the condition (c2w does not hold it): the prior marginalises over
-  the training fovy range, as the renders it is asked about are drawn from it too.
+  (`class_embed_type="projection"`): a 2-layer MLP of `camera_features`, computed from the camera
+  vectors [B, 17] (flattened c2w, then fovy) that guidance passes as `class_labels`, so any camera can
+  be asked, not only 16 views. Camera features version 2 includes the fovy; version 1 (the first
+  weights) did not, and such weights marginalise over the training fovy range.
 
 The weights directory is Stable Diffusion's layout minus the parts a pixel-space prior with a fixed
 text encoder has no weights for:
@@ -28,17 +28,25 @@ from typing import Any
 import torch
 from pydantic import Field
 
+from trainers.cameras import POSE_DIM, camera_pose
 from trainers.config_base import ConfigBase
 from trainers.reference.text_encoder import TextEncoderConfig
 
-# Bump when `camera_features` changes meaning: weights trained on other features are refused.
-CAMERA_FEATURES_VERSION = 1
+# Bump when `camera_features` changes meaning. Weights record the version they were trained on, and
+# the prior computes that version's features; other versions are refused.
+#   1: azimuth and elevation harmonics and the distance (13 features);
+#   2: those and the fovy (14): at one pose the fovy sets the object's apparent size.
+CAMERA_FEATURES_VERSION = 2
+KNOWN_CAMERA_FEATURES_VERSIONS = (1, 2)
 AZIMUTH_HARMONICS = 4
 ELEVATION_HARMONICS = 2
-# sin/cos of each harmonic of azimuth and elevation, plus the normalised distance.
-N_CAMERA_FEATURES = 2 * AZIMUTH_HARMONICS + 2 * ELEVATION_HARMONICS + 1
-# The distance feature is (d − centre) / half-width of the default training range (1.5, 2.0).
+# sin/cos of each harmonic of azimuth and elevation, plus the normalised distance (and fovy).
+N_CAMERA_FEATURES_V1 = 2 * AZIMUTH_HARMONICS + 2 * ELEVATION_HARMONICS + 1
+N_CAMERA_FEATURES = N_CAMERA_FEATURES_V1 + 1
+# The distance and fovy features are (value − centre) / half-width of the default training ranges,
+# distance (1.5, 2.0) and fovy (40°, 70°).
 DISTANCE_CENTRE, DISTANCE_HALF_WIDTH = 1.75, 0.25
+FOVY_CENTRE_DEG, FOVY_HALF_WIDTH_DEG = 55.0, 15.0
 INFO_FILE = "reference_learned.json"
 
 
@@ -58,11 +66,21 @@ class LearnedModelConfig(ConfigBase):
     text_encoder: TextEncoderConfig = TextEncoderConfig()
 
 
-def camera_features(c2w: torch.Tensor) -> torch.Tensor:
-    """Flattened c2w [B, 16] (or [B, 4, 4]) -> [B, N_CAMERA_FEATURES]: harmonics of the camera's
-    azimuth and elevation, and its distance, read from its position (the orbit convention of
-    trainers.cameras: position = d·(cos el cos az, cos el sin az, sin el))."""
-    position = c2w.reshape(-1, 4, 4)[:, :3, 3].float()
+def camera_features(camera_vectors: torch.Tensor, version: int = CAMERA_FEATURES_VERSION) -> torch.Tensor:
+    """Camera vectors [B, 17] (`CameraBatch.camera_vector()`: flattened c2w, then fovy in radians) ->
+    [B, 14]: harmonics of the camera's azimuth and elevation and its distance, read from its position
+    (the orbit convention of trainers.cameras: position = d·(cos el cos az, cos el sin az, sin el)),
+    then its fovy. Version 1 stops before the fovy (13 features) and also takes a bare c2w [B, 16]."""
+    if version not in KNOWN_CAMERA_FEATURES_VERSIONS:
+        raise ValueError(f"unknown camera features version {version}: {KNOWN_CAMERA_FEATURES_VERSIONS}")
+    camera_vectors = camera_vectors.reshape(camera_vectors.shape[0], -1)
+    if version >= 2 and camera_vectors.shape[1] <= POSE_DIM:
+        raise ValueError(
+            "the learned prior's camera features (version 2) need each camera's fovy: pass "
+            f"cameras.camera_vector() ([B, {POSE_DIM + 1}]: c2w, then fovy), not a bare c2w "
+            f"[B, {camera_vectors.shape[1]}]"
+        )
+    position = camera_pose(camera_vectors).reshape(-1, 4, 4)[:, :3, 3].float()
     distance = position.norm(dim=-1).clamp(min=1e-6)
     elevation = torch.asin((position[:, 2] / distance).clamp(-1, 1))
     azimuth = torch.atan2(position[:, 1], position[:, 0])
@@ -72,10 +90,19 @@ def camera_features(c2w: torch.Tensor) -> torch.Tensor:
     for k in range(1, ELEVATION_HARMONICS + 1):
         parts += [torch.sin(k * elevation), torch.cos(k * elevation)]
     parts.append((distance - DISTANCE_CENTRE) / DISTANCE_HALF_WIDTH)
+    if version >= 2:
+        fovy_deg = torch.rad2deg(camera_vectors[:, POSE_DIM].float())
+        parts.append((fovy_deg - FOVY_CENTRE_DEG) / FOVY_HALF_WIDTH_DEG)
     return torch.stack(parts, dim=-1)
 
 
-def unet_kwargs(cfg: LearnedModelConfig) -> dict[str, Any]:
+def n_camera_features(version: int = CAMERA_FEATURES_VERSION) -> int:
+    return N_CAMERA_FEATURES_V1 if version == 1 else N_CAMERA_FEATURES
+
+
+def unet_kwargs(
+    cfg: LearnedModelConfig, camera_features_version: int = CAMERA_FEATURES_VERSION
+) -> dict[str, Any]:
     if len(cfg.cross_attention) != len(cfg.block_out_channels):
         raise ValueError("model.cross_attention needs one entry per block of model.block_out_channels")
     if cfg.only_cross_attention is not None and len(cfg.only_cross_attention) != len(cfg.block_out_channels):
@@ -96,17 +123,19 @@ def unet_kwargs(cfg: LearnedModelConfig) -> dict[str, Any]:
         attention_head_dim=cfg.attention_head_dim,
         norm_num_groups=cfg.norm_num_groups,
         class_embed_type="projection",
-        projection_class_embeddings_input_dim=N_CAMERA_FEATURES,
+        projection_class_embeddings_input_dim=n_camera_features(camera_features_version),
     )
 
 
-def build_unet(cfg: LearnedModelConfig, seed: int = 0):
+def build_unet(
+    cfg: LearnedModelConfig, seed: int = 0, camera_features_version: int = CAMERA_FEATURES_VERSION
+):
     """A freshly initialised UNet (seeded, so the untrained baseline is reproducible)."""
     from diffusers import UNet2DConditionModel
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return UNet2DConditionModel(**unet_kwargs(cfg))
+        return UNet2DConditionModel(**unet_kwargs(cfg, camera_features_version))
 
 
 def build_scheduler():
@@ -171,6 +200,8 @@ __all__ = [
     "INFO_FILE",
     "LearnedModelConfig",
     "N_CAMERA_FEATURES",
+    "N_CAMERA_FEATURES_V1",
+    "n_camera_features",
     "build_scheduler",
     "build_unet",
     "camera_features",

@@ -5,8 +5,9 @@ The weights directory (`trainers.reference.learned.model`) is read with diffuser
 checkpoint; `prior.reference.learned_weights` points at another trained copy (default: the weights
 shipped in the repository, `trainers/reference/learned/weights`).
 
-Guidance passes each render's camera (flattened c2w) as `class_labels`, as for `reference-mv`; the
-prior turns it into `camera_features` for the UNet's class embedding.
+Guidance passes each render's camera (`camera_vector()`: flattened c2w, then fovy) as `class_labels`, as for
+`reference-mv`; the prior turns it into the `camera_features` of the version its weights were trained on,
+for the UNet's class embedding.
 
 `unet` is None on purpose: VSD's LoRA path (trainers.vsd.UNetLoRAScore) replaces the UNet's class
 embedding with its own camera embedding, and here the class embedding *is* the camera condition, so
@@ -24,8 +25,8 @@ import torch
 from trainers.config_base import ConfigError
 from trainers.priors.base import DiffusionPrior, PriorConfig
 from trainers.reference.learned.model import (
-    CAMERA_FEATURES_VERSION,
     INFO_FILE,
+    KNOWN_CAMERA_FEATURES_VERSIONS,
     LearnedModelConfig,
     camera_features,
 )
@@ -102,11 +103,11 @@ class LearnedReferencePrior(DiffusionPrior):
             LearnedModelConfig(**info["model"])
         except (ValueError, KeyError, TypeError) as exc:
             raise weights_error(path, f"has an unreadable {INFO_FILE} ({exc})") from exc
-        if info.get("camera_features_version") != CAMERA_FEATURES_VERSION:
+        if info.get("camera_features_version") not in KNOWN_CAMERA_FEATURES_VERSIONS:
             raise weights_error(
                 path,
                 f"was trained on camera features version {info.get('camera_features_version')}, this code "
-                f"computes version {CAMERA_FEATURES_VERSION}",
+                f"computes versions {list(KNOWN_CAMERA_FEATURES_VERSIONS)}",
             )
         try:
             model = UNet2DConditionModel.from_pretrained(path, subfolder="unet", torch_dtype=torch.float32)
@@ -137,10 +138,10 @@ class LearnedReferencePrior(DiffusionPrior):
     ) -> torch.Tensor:
         if class_labels is None:
             raise ValueError(
-                "prior.name='reference-learned' is camera-conditioned: pass each render's camera (flattened "
-                "c2w, [B, 16]) as class_labels; guidance does so for priors with camera_conditioned=True"
+                "prior.name='reference-learned' is camera-conditioned: pass each render's camera "
+                "(cameras.camera_vector()) as class_labels; guidance does so for priors with camera_conditioned=True"
             )
-        features = camera_features(class_labels.to(self.device))
+        features = camera_features(class_labels.to(self.device), self.info["camera_features_version"])
         out = self.model(
             x_t.to(self.device, torch.float32),
             t.to(self.device),

@@ -82,12 +82,20 @@ def training_loss(unet, batch, encoder: SceneTextEncoder, alphas: torch.Tensor, 
 
 def warm_start(unet, directory: str | Path) -> dict[str, list[str]]:
     """Copy the parameters of the UNet in weights `directory` that `unet` has with the same name and
-    shape; returns the names of those copied and of those left at their fresh initialisation."""
+    shape; returns the names of those copied and of those left at their fresh initialisation.
+
+    A linear layer that gained inputs (the camera embedding's first layer when the camera features
+    gain the fovy) is copied too, with zero weights for the new inputs, so it computes what it did."""
     from diffusers import UNet2DConditionModel
 
     source = UNet2DConditionModel.from_pretrained(Path(directory), subfolder="unet").state_dict()
     target = unet.state_dict()
     copied = {k: v for k, v in source.items() if k in target and target[k].shape == v.shape}
+    for k, v in source.items():
+        new = target.get(k)
+        if new is not None and new.dim() == 2 and v.dim() == 2 and new.shape[0] == v.shape[0] > 0:
+            if new.shape[1] > v.shape[1]:
+                copied[k] = torch.cat([v, v.new_zeros(v.shape[0], new.shape[1] - v.shape[1])], dim=1)
     fresh = sorted(set(target) - set(copied))
     # A new attention block adds proj_out(...) to its input: zeroed, it starts as the identity, so the
     # copied network's predictions are unchanged at the first step (as ControlNet starts its branches).
