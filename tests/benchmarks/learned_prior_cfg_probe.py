@@ -14,6 +14,9 @@ Prints one JSON line:
 - `cos_cfgdir_t<t>`: cosine, over the 16 views of the 2 prompts' true renders at t, between the learned
   prior's guidance direction ε_cond − ε_uncond and the exact prior's (the direction CFG scales by s − 1);
   `cos_cfgdir_pool4_t<t>` the same for both directions averaged over 4 × 4 pixel blocks.
+- `size_t<t>`: does the prior's CFG direction restore an object drawn 1.25× too large (`bigger`) or
+  0.8× too small (`smaller`) at t? 1: fully, 0: no say on size, < 0: it pushes the wrong way
+  (`size_restoring`; `--size-only` prints just these, also for `--exact`).
 - `order_t<t>`: does the learned prior read word order? For 3 two-object prompts, the mean squared
   distance to the true render of the learned prior's denoised estimate of it at t, conditioned on the
   prompt, on the prompt with its objects swapped ("a pink cube on top of a yellow cylinder"), and on
@@ -25,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -121,6 +125,48 @@ def word_order_errors(learned, exact, t_value: int) -> dict[str, float]:
     return {key: round(statistics.fmean(values), 4) for key, values in errors.items()}
 
 
+SIZE_PROMPTS = ["a red cube", "a blue cone", "a green torus"]
+SIZE_FOVY_FACTOR = {"bigger": 0.8, "smaller": 1.25}  # tan(fovy/2) scaled: the object drawn 1.25× / 0.8×
+
+
+def size_restoring(prior, exact, t_value: int, seeds: int = 3) -> dict[str, float]:
+    """Does the prior's CFG direction restore an object drawn at the wrong size? For each of SIZE_PROMPTS
+    at the exact prior's 16 views, the true render is redrawn at the same pose with tan(fovy/2) scaled
+    by SIZE_FOVY_FACTOR (the object appears 1.25× larger, or 0.8× smaller), noised to t, and the CFG
+    direction in x̂0 space, x̂0_cond − x̂0_uncond (what CFG scales by s − 1), is projected, in the ring
+    of pixels where the two renders disagree on object or background, onto the way back to the true
+    render. Normalised by that way's RMS length: 1 restores the true size in one step, 0 says nothing
+    about size, below 0 pushes the object further from it. Both are asked at the true camera."""
+    from trainers.reference.scenes import render_scene
+
+    cameras = exact.cameras
+    alpha = prior.alphas_cumprod[t_value]
+    out = {}
+    for case, factor in SIZE_FOVY_FACTOR.items():
+        moved_cameras = replace(cameras, fovy=2 * torch.atan(torch.tan(cameras.fovy / 2) * factor))
+        values = []
+        for prompt in SIZE_PROMPTS:
+            true = views_of(exact, prompt)
+            rgb = render_scene(prompt, moved_cameras, 32)["rgb"].permute(0, 3, 1, 2)
+            moved = F.interpolate(rgb, (16, 16), mode="bilinear", align_corners=False) * 2 - 1
+            ring = (true.min(1).values < 0.6) != (moved.min(1).values < 0.6)  # object in one only
+            toward = true - moved
+            n = true.shape[0]
+            t = torch.full((n,), t_value)
+            text = torch.cat([prior.encode_text([prompt] * n), prior.encode_text([""] * n)])
+            labels = torch.cat([cameras.camera_vector()] * 2)
+            generator = torch.Generator().manual_seed(0)
+            for _ in range(seeds):
+                noise = torch.randn(moved.shape, generator=generator)
+                x_t = add_noise(prior.alphas_cumprod, moved, noise, t)
+                eps = prior.predict_noise(torch.cat([x_t, x_t]), torch.cat([t, t]), text, labels)
+                direction = -((1 - alpha) / alpha).sqrt() * (eps[:n] - eps[n:])
+                along = (direction * toward).sum(1)[ring].mean()
+                values.append(float(along / toward.pow(2).sum(1)[ring].mean().sqrt()))
+        out[case] = round(statistics.fmean(values), 3)
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -129,6 +175,7 @@ def main() -> None:
     parser.add_argument("--exact", action="store_true", help="distil with the exact prior (the oracle's row)")
     parser.add_argument("--png", type=Path, default=None, help="the distilled images, one row per prompt")
     parser.add_argument("--order-only", action="store_true", help="only the word-order check (seconds)")
+    parser.add_argument("--size-only", action="store_true", help="only the size check (seconds)")
     args = parser.parse_args()
     torch.set_num_threads(1)
     exact = exact_prior(16)
@@ -137,6 +184,11 @@ def main() -> None:
     out: dict[str, object] = {"prior": "exact" if args.exact else str(args.weights)}
     if learned is not None:
         out["trained_steps"] = learned.info.get("trained_steps")
+    for t_value in T_CHECKED:
+        out[f"size_t{t_value}"] = size_restoring(prior, exact, t_value)
+    if args.size_only:
+        print(json.dumps(out), flush=True)
+        return
     if learned is not None:
         for t_value in (500, 800):
             out[f"order_t{t_value}"] = word_order_errors(learned, exact, t_value)
