@@ -22,7 +22,6 @@ from trainers.reference.learned.data import DataConfig
 from trainers.reference.learned.model import (
     INFO_FILE,
     N_CAMERA_FEATURES,
-    N_CAMERA_FEATURES_V1,
     LearnedModelConfig,
     build_unet,
     camera_features,
@@ -40,7 +39,7 @@ SHIPPED_CONFIG = {
     "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
     "cross_attention_dim": 64,
     "class_embed_type": "projection",
-    "projection_class_embeddings_input_dim": N_CAMERA_FEATURES_V1,  # camera features version 1: no fovy
+    "projection_class_embeddings_input_dim": N_CAMERA_FEATURES,
 }
 # docs/learned_prior.md: at t = 50 on true renders, the shipped weights' ε̂ has at most this fraction of
 # the untrained network's mean squared error against the true noise.
@@ -48,6 +47,13 @@ MAX_ERROR_RATIO_AT_T50 = 0.1
 # docs/learned_prior.md: at t = 800, asking the same noisy render at cameras 90° apart moves the
 # denoised estimate by at least this much (mean absolute difference, images in [-1, 1]).
 MIN_CAMERA_EFFECT = 0.05
+# docs/learned_prior.md: asking a noisy render at fovy 45° and 65° (same pose) moves the denoised
+# estimate by at least this much, towards the render at its own fovy.
+MIN_FOVY_EFFECT = 0.05
+# docs/learned_prior.md §5 "Object size": the CFG direction points an object drawn 1.25× too large back
+# towards its true size by at least this fraction of the way, on average over SIZE_PROMPTS at t = 500.
+MIN_SIZE_RESTORING = 0.1
+SIZE_PROMPTS = ["a red cube", "a blue cone", "a green torus", "a yellow sphere"]
 PROMPTS = ["a red cube", "a green torus beside a purple cone", "a pink capsule on top of a cyan cube"]
 
 
@@ -120,6 +126,50 @@ def test_the_camera_changes_the_prediction_towards_that_cameras_render(prior):
     denoised = (x_t - (1 - alpha).sqrt() * eps) / alpha.sqrt()
     assert (denoised[0] - denoised[1]).abs().mean() > MIN_CAMERA_EFFECT
     assert (denoised[0] - x0[0]).abs().mean() < (denoised[1] - x0[0]).abs().mean()
+
+
+def test_the_fovy_changes_the_prediction_towards_that_fovys_render(prior):
+    """The same noisy render asked at its own fovy and at a wider one (same pose): the denoised estimates
+    differ by more than MIN_FOVY_EFFECT, and the one at the render's own fovy is the closer to it."""
+    prompt = "a blue cone"
+    cameras = orbit_cameras(15.0, 30.0, 1.75, torch.tensor([45.0, 65.0]))
+    x0 = true_renders([prompt], cameras[torch.tensor([0])]) * 2 - 1
+    noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(2))
+    t = torch.tensor([800, 800])
+    x_t = add_noise(prior.alphas_cumprod, x0, noise, t[:1]).repeat(2, 1, 1, 1)
+    eps = prior.predict_noise(x_t, t, prior.encode_text([prompt] * 2), cameras.camera_vector())
+    alpha = prior.alphas_cumprod[800]
+    denoised = (x_t - (1 - alpha).sqrt() * eps) / alpha.sqrt()
+    assert (denoised[0] - denoised[1]).abs().mean() > MIN_FOVY_EFFECT
+    assert (denoised[0] - x0[0]).abs().mean() < (denoised[1] - x0[0]).abs().mean()
+
+
+def test_the_cfg_direction_shrinks_an_object_drawn_too_large_back_towards_its_size(prior):
+    """What made ASD at CFG 7.5 grow objects past the view (docs/learned_prior.md §5, "Object size").
+    Each of SIZE_PROMPTS is drawn 1.25× too large (tan(fovy/2) × 0.8) at 4 azimuths, noised to t = 500
+    and asked at its true camera. In the ring where the drawn and the true render disagree, the CFG
+    direction x̂0_cond − x̂0_uncond must point back towards the true render: on average over the prompts
+    by at least MIN_SIZE_RESTORING of that way's RMS length."""
+    azimuths = torch.tensor([-120.0, -30.0, 60.0, 150.0])
+    cameras = orbit_cameras(15.0, azimuths, 1.75, 55.0)
+    larger = orbit_cameras(15.0, azimuths, 1.75, 55.0)
+    larger.fovy = 2 * torch.atan(torch.tan(cameras.fovy / 2) * 0.8)
+    t = torch.full((8,), 500)
+    alpha = prior.alphas_cumprod[500]
+    restoring = []
+    for prompt in SIZE_PROMPTS:
+        true = true_renders([prompt] * 4, cameras) * 2 - 1
+        drawn = true_renders([prompt] * 4, larger) * 2 - 1
+        ring = (true.min(1).values < 0.6) != (drawn.min(1).values < 0.6)
+        toward = true - drawn
+        noise = torch.randn(drawn.shape, generator=torch.Generator().manual_seed(0))
+        x_t = add_noise(prior.alphas_cumprod, drawn, noise, t[:4]).repeat(2, 1, 1, 1)
+        text = torch.cat([prior.encode_text([prompt] * 4), prior.encode_text([""] * 4)])
+        eps = prior.predict_noise(x_t, t, text, cameras.camera_vector().repeat(2, 1))
+        direction = -((1 - alpha) / alpha).sqrt() * (eps[:4] - eps[4:])
+        along = (direction * toward).sum(1)[ring].mean() / toward.pow(2).sum(1)[ring].mean().sqrt()
+        restoring.append(float(along))
+    assert sum(restoring) / len(restoring) > MIN_SIZE_RESTORING, restoring
 
 
 def test_camera_features_read_elevation_azimuth_and_distance_from_the_c2w():
