@@ -381,7 +381,7 @@ class Guidance(nn.Module):
         camera_vectors: torch.Tensor | None = None,
         cameras: CameraBatch | None = None,
     ) -> GuidanceOutput:
-        """`cameras` (or just their `camera_vectors`, flattened c2w) are the renders' cameras."""
+        """`cameras` (or just their `camera_vectors`, `CameraBatch.camera_vector()`) are the renders' cameras."""
         request = self.prepare(
             images,
             cond_embeddings,
