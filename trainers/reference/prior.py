@@ -20,8 +20,8 @@ Two priors, named by `prior.name`:
   restricts the conditional set to renders with that view label, which is what view-dependent
   prompting approximates for Stable Diffusion.
 - `reference-mv` (MVDream-like): also conditioned on the camera. Guidance passes each render's camera
-  (`camera_vector()`; its pose, the flattened c2w, is what is read) as `class_labels` to every call, conditional and unconditional, and renders are
-  weighted by exp(κ·cos∠(asked camera, render camera)).
+  (`camera_vector()`, of which the pose, the flattened c2w, is read) as `class_labels` to every call,
+  conditional and unconditional, and renders are weighted by exp(κ·cos∠(asked camera, render camera)).
 
 `encode_text` is the deterministic `SceneTextEncoder`, and `predict_noise` decodes each embedding row
 back to its prompt, so the prior needs no lookup table of prompts and its answers never depend on the
