@@ -102,12 +102,7 @@ def test_at_t50_the_learned_eps_is_much_closer_to_the_true_noise_than_an_untrain
     text = prior.encode_text(PROMPTS)
     labels = cameras.camera_vector()
     learned = (prior.predict_noise(x_t, t, text, labels) - noise).pow(2).mean()
-    untrained = LearnedReferencePrior(
-        build_unet(prior.config, camera_features_version=prior.info["camera_features_version"]).eval(),
-        prior.scheduler,
-        prior.info,
-    )
-    baseline = (untrained.predict_noise(x_t, t, text, labels) - noise).pow(2).mean()
+    baseline = (prior.untrained().predict_noise(x_t, t, text, labels) - noise).pow(2).mean()
     assert learned <= MAX_ERROR_RATIO_AT_T50 * baseline, (float(learned), float(baseline))
 
 

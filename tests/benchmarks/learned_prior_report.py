@@ -37,7 +37,6 @@ from trainers.guidance import GuidanceConfig, add_noise, make_guidance  # noqa: 
 from trainers.per_prompt import Trainer  # noqa: E402
 from trainers.priors.base import PriorConfig, default_cache_dir  # noqa: E402
 from trainers.reference.basis import cached_basis  # noqa: E402
-from trainers.reference.learned.model import build_unet  # noqa: E402
 from trainers.reference.learned.prior import SHIPPED_WEIGHTS, LearnedReferencePrior  # noqa: E402
 from trainers.reference.prior import CameraConditionedReferencePrior, ReferencePriorConfig  # noqa: E402
 from trainers.reference.scenes import scene_cache_dir  # noqa: E402
@@ -285,11 +284,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
     learned = LearnedReferencePrior.from_pretrained(args.weights)
-    untrained = LearnedReferencePrior(
-        build_unet(learned.config, camera_features_version=learned.info["camera_features_version"]).eval(),
-        learned.scheduler,
-        learned.info,
-    )
+    untrained = learned.untrained()
     exact = exact_prior(learned.image_size)
     views = exact.cameras
     labels = views.camera_vector()

@@ -28,6 +28,7 @@ from trainers.reference.learned.model import (
     INFO_FILE,
     KNOWN_CAMERA_FEATURES_VERSIONS,
     LearnedModelConfig,
+    build_unet,
     camera_features,
 )
 from trainers.reference.text_encoder import SceneTextEncoder
@@ -116,6 +117,13 @@ class LearnedReferencePrior(DiffusionPrior):
             raise weights_error(path, f"cannot be loaded ({type(exc).__name__}: {exc})") from exc
         model.requires_grad_(False).eval().to(device)
         return cls(model, scheduler, info, device, source=str(path))
+
+    def untrained(self, seed: int = 0) -> LearnedReferencePrior:
+        """The same network freshly initialised (seeded), with these weights' camera features: the
+        baseline the docs and tests compare the trained weights with."""
+        version = self.info["camera_features_version"]
+        model = build_unet(self.config, seed=seed, camera_features_version=version).eval().to(self.device)
+        return LearnedReferencePrior(model, self.scheduler, self.info, self.device)
 
     # -- the DiffusionPrior interface ----------------------------------------------------------------
 
