@@ -82,6 +82,9 @@ class CameraConfig(ConfigBase):
         return self
 
 
+POSE_DIM = 16  # the flattened c2w at the front of a camera vector (`CameraBatch.camera_vector()`)
+
+
 @dataclass
 class CameraBatch:
     """B cameras. Angles are kept in degrees (for labels and logging) except `fovy` (radians)."""
@@ -106,15 +109,19 @@ class CameraBatch:
         prior as `class_labels`; `camera_pose` reads the c2w back. The fovy is there because at a
         given pose it sets how large the object appears (tan(fovy/2) varies 2× over the default
         range), so a prior that is not told it cannot know the silhouette's size."""
-        return torch.cat([self.c2w.reshape(len(self), 16), self.fovy.reshape(len(self), 1)], dim=1)
-
-
-POSE_DIM = 16  # the flattened c2w at the front of a camera vector
+        return torch.cat([self.c2w.reshape(len(self), POSE_DIM), self.fovy.reshape(len(self), 1)], dim=1)
 
 
 def camera_pose(camera_vectors: torch.Tensor) -> torch.Tensor:
     """[B, 16] flattened c2w of camera vectors [B, 17] (a bare [B, 16] c2w is returned as it is)."""
     return camera_vectors[..., :POSE_DIM]
+
+
+def camera_position(camera_vectors: torch.Tensor) -> torch.Tensor:
+    """[B, 3] camera centres (float32) of camera vectors [B, 17], or of a bare c2w [B, 16] or [B, 4, 4]."""
+    return (
+        camera_pose(camera_vectors.reshape(camera_vectors.shape[0], -1)).reshape(-1, 4, 4)[:, :3, 3].float()
+    )
 
 
 def _as_tensor(value: float | Sequence[float] | torch.Tensor) -> torch.Tensor:

@@ -36,7 +36,7 @@ from pathlib import Path
 
 import torch
 
-from trainers.cameras import camera_pose, view_direction_labels
+from trainers.cameras import camera_position, view_direction_labels
 from trainers.config_base import ConfigError
 from trainers.priors.base import DiffusionPrior, PriorConfig, default_cache_dir
 from trainers.reference.basis import Layout, all_layouts, cached_basis, colour_coefficients, layout_of
@@ -486,8 +486,7 @@ class ReferencePrior(DiffusionPrior):
                 leak = math.log(self.cfg.view_leak) if self.cfg.view_leak > 0 else -math.inf
                 log_prior = torch.where(matches, log_prior, log_prior.new_tensor(leak))
         if cameras is not None:
-            position = camera_pose(cameras).reshape(-1, 4, 4)[:, :3, 3].float()
-            asked = torch.nn.functional.normalize(position, dim=-1)
+            asked = torch.nn.functional.normalize(camera_position(cameras), dim=-1)
             log_prior = log_prior + self.cfg.camera_sharpness * asked.to(self.device) @ self.directions.T
         return log_prior
 

@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from pydantic import Field
 
-from trainers.cameras import POSE_DIM, camera_pose
+from trainers.cameras import POSE_DIM, camera_position
 from trainers.config_base import ConfigBase
 from trainers.reference.text_encoder import TextEncoderConfig
 
@@ -80,7 +80,7 @@ def camera_features(camera_vectors: torch.Tensor, version: int = CAMERA_FEATURES
             f"cameras.camera_vector() ([B, {POSE_DIM + 1}]: c2w, then fovy), not a bare c2w "
             f"[B, {camera_vectors.shape[1]}]"
         )
-    position = camera_pose(camera_vectors).reshape(-1, 4, 4)[:, :3, 3].float()
+    position = camera_position(camera_vectors)
     distance = position.norm(dim=-1).clamp(min=1e-6)
     elevation = torch.asin((position[:, 2] / distance).clamp(-1, 1))
     azimuth = torch.atan2(position[:, 1], position[:, 0])
