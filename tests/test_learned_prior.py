@@ -20,6 +20,7 @@ from trainers.guidance import GuidanceConfig, add_noise, make_guidance
 from trainers.priors import load_prior
 from trainers.priors.base import PriorConfig
 from trainers.reference.learned.data import DataConfig
+from trainers.reference.learned.diagnostics import size_restoring
 from trainers.reference.learned.model import (
     INFO_FILE,
     N_CAMERA_FEATURES,
@@ -143,26 +144,17 @@ def test_the_cfg_direction_shrinks_an_object_drawn_too_large_back_towards_its_si
     """What made ASD at CFG 7.5 grow objects past the view (docs/learned_prior.md §5, "Object size").
     Each of SIZE_PROMPTS is drawn 1.25× too large (tan(fovy/2) × 0.8) at 4 azimuths, noised to t = 500
     and asked at its true camera. In the ring where the drawn and the true render disagree, the CFG
-    direction x̂0_cond − x̂0_uncond must point back towards the true render: on average over the prompts
-    by at least MIN_SIZE_RESTORING of that way's RMS length."""
+    direction x̂0_cond − x̂0_uncond must point back towards the true render (`size_restoring`): on average
+    over the prompts by at least MIN_SIZE_RESTORING of that way's RMS length."""
     azimuths = torch.tensor([-120.0, -30.0, 60.0, 150.0])
     cameras = orbit_cameras(15.0, azimuths, 1.75, 55.0)
     larger = replace(cameras, fovy=2 * torch.atan(torch.tan(cameras.fovy / 2) * 0.8))
-    t = torch.full((8,), 500)
-    alpha = prior.alphas_cumprod[500]
     restoring = []
     for prompt in SIZE_PROMPTS:
         true = true_renders([prompt] * 4, cameras) * 2 - 1
         drawn = true_renders([prompt] * 4, larger) * 2 - 1
-        ring = (true.min(1).values < 0.6) != (drawn.min(1).values < 0.6)
-        toward = true - drawn
         noise = torch.randn(drawn.shape, generator=torch.Generator().manual_seed(0))
-        x_t = add_noise(prior.alphas_cumprod, drawn, noise, t[:4]).repeat(2, 1, 1, 1)
-        text = torch.cat([prior.encode_text([prompt] * 4), prior.encode_text([""] * 4)])
-        eps = prior.predict_noise(x_t, t, text, cameras.camera_vector().repeat(2, 1))
-        direction = -((1 - alpha) / alpha).sqrt() * (eps[:4] - eps[4:])
-        along = (direction * toward).sum(1)[ring].mean() / toward.pow(2).sum(1)[ring].mean().sqrt()
-        restoring.append(float(along))
+        restoring.append(size_restoring(prior, prompt, true, drawn, cameras.camera_vector(), 500, noise))
     assert sum(restoring) / len(restoring) > MIN_SIZE_RESTORING, restoring
 
 

@@ -37,6 +37,7 @@ from learned_prior_report import exact_prior, views_of
 
 from trainers.cameras import CameraConfig, view_dependent_prompt, view_direction_labels
 from trainers.guidance import GuidanceConfig, add_noise, make_guidance
+from trainers.reference.learned import diagnostics
 from trainers.reference.learned.prior import SHIPPED_WEIGHTS, LearnedReferencePrior
 
 PROMPTS = ["a yellow cylinder on top of a pink cube", "a cyan capsule beside an orange sphere"]
@@ -132,15 +133,12 @@ SIZE_FOVY_FACTOR = {"bigger": 0.8, "smaller": 1.25}  # tan(fovy/2) scaled: the o
 def size_restoring(prior, exact, t_value: int, seeds: int = 3) -> dict[str, float]:
     """Does the prior's CFG direction restore an object drawn at the wrong size? For each of SIZE_PROMPTS
     at the exact prior's 16 views, the true render is redrawn at the same pose with tan(fovy/2) scaled
-    by SIZE_FOVY_FACTOR (the object appears 1.25× larger, or 0.8× smaller), noised to t, and the CFG
-    direction in x̂0 space, x̂0_cond − x̂0_uncond (what CFG scales by s − 1), is projected, in the ring
-    of pixels where the two renders disagree on object or background, onto the way back to the true
-    render. Normalised by that way's RMS length: 1 restores the true size in one step, 0 says nothing
-    about size, below 0 pushes the object further from it. Both are asked at the true camera."""
+    by SIZE_FOVY_FACTOR (the object appears 1.25× larger, or 0.8× smaller) and measured with
+    `diagnostics.size_restoring` over `seeds` noise draws: 1 restores the true size in one step, 0 says
+    nothing about size, below 0 pushes the object further from it. Both are asked at the true camera."""
     from trainers.reference.scenes import render_scene
 
     cameras = exact.cameras
-    alpha = prior.alphas_cumprod[t_value]
     out = {}
     for case, factor in SIZE_FOVY_FACTOR.items():
         moved_cameras = replace(cameras, fovy=2 * torch.atan(torch.tan(cameras.fovy / 2) * factor))
@@ -149,20 +147,14 @@ def size_restoring(prior, exact, t_value: int, seeds: int = 3) -> dict[str, floa
             true = views_of(exact, prompt)
             rgb = render_scene(prompt, moved_cameras, 32)["rgb"].permute(0, 3, 1, 2)
             moved = F.interpolate(rgb, (16, 16), mode="bilinear", align_corners=False) * 2 - 1
-            ring = (true.min(1).values < 0.6) != (moved.min(1).values < 0.6)  # object in one only
-            toward = true - moved
-            n = true.shape[0]
-            t = torch.full((n,), t_value)
-            text = torch.cat([prior.encode_text([prompt] * n), prior.encode_text([""] * n)])
-            labels = torch.cat([cameras.camera_vector()] * 2)
             generator = torch.Generator().manual_seed(0)
             for _ in range(seeds):
                 noise = torch.randn(moved.shape, generator=generator)
-                x_t = add_noise(prior.alphas_cumprod, moved, noise, t)
-                eps = prior.predict_noise(torch.cat([x_t, x_t]), torch.cat([t, t]), text, labels)
-                direction = -((1 - alpha) / alpha).sqrt() * (eps[:n] - eps[n:])
-                along = (direction * toward).sum(1)[ring].mean()
-                values.append(float(along / toward.pow(2).sum(1)[ring].mean().sqrt()))
+                values.append(
+                    diagnostics.size_restoring(
+                        prior, prompt, true, moved, cameras.camera_vector(), t_value, noise
+                    )
+                )
         out[case] = round(statistics.fmean(values), 3)
     return out
 
