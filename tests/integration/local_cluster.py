@@ -133,6 +133,10 @@ class LocalCluster:
             # The head's workspace (the registry of the sweeps its jobs ran), inside this cluster's folder.
             "DREAMSWEEP_WORKSPACE": str(self.temp_dir / "head-workspace"),
             **(env or {}),
+            # A Ray Job's entrypoint (`python -m orchestrator.cli ...`) runs the `python` on the node's
+            # PATH, as on a real cluster. Here that must be the suite's own interpreter, also when the
+            # suite runs without its venv activated (the system Python lacks the project's packages).
+            "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]),
             "RAY_USAGE_STATS_ENABLED": "0",
             "RAY_AUTH_MODE": "disabled",
         }
