@@ -35,8 +35,8 @@ from trainers.reference.text_encoder import SceneTextEncoder
 
 SHIPPED_WEIGHTS = Path(__file__).resolve().parent / "weights"
 RETRAIN_HINT = (
-    "retrain it with `python -m trainers.reference.learned.train --out {path}` (about 2 hours on 2 CPU "
-    "cores, see docs/learned_prior.md), or point prior.reference.learned_weights at a trained copy"
+    "retrain it with `python -m trainers.reference.learned.train --out {path}` (about 2 hours on 2 idle "
+    "CPU cores, see docs/learned_prior.md), or point prior.reference.learned_weights at a trained copy"
 )
 
 
