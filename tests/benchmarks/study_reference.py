@@ -3,6 +3,7 @@
     python tests/benchmarks/study_reference.py --group long --out docs/study
     python tests/benchmarks/study_reference.py --group quickstart --out docs/study
     python tests/benchmarks/study_reference.py --group methods --out docs/study
+    python tests/benchmarks/study_reference.py --group asd-knobs --out docs/study
     python tests/benchmarks/study_reference.py --report --out docs/study      # tables + plots only
     python tests/benchmarks/study_reference.py --group long --lengths 150,600 \
         --config sweeps/configs/reference_learned_cpu.yaml --out docs/study_learned   # the learned prior
@@ -20,6 +21,10 @@ Groups (each a list of settings × prompts × seeds × run lengths; see GROUPS):
   3 seeds: does the objective tell settings apart?
 - methods: ASD, SDS, CSD, VSD at CFG 7.5, ASD and SDS at CFG 1, ASD at η 1, and the ceiling, on 2
   composite prompts, curves over 2,000 steps (scored at 150, 300, 600, 1,000, 2,000), 3 seeds.
+- asd-knobs: the rest of ASD's η and CFG axes on the methods panel, as the methods group runs them:
+  η 0 at CFG 7.5, and CFG 3 and 15 at η 0.1 (the methods group has η 0.1 and 1, and CFG 1 and 7.5).
+  With it, the report adds a table and `asd_axes.png`: ASD's PSNR against η and against CFG, the two
+  groups' ASD runs pooled.
 
 Runs go to `--out/runs.jsonl` as they finish (a rerun skips the runs already there, so an interrupted
 study resumes); `--workers` processes share the work, each with one prior loaded once.
@@ -44,6 +49,7 @@ from trainers.per_prompt import NonFiniteLossError, Trainer
 from trainers.priors import load_prior
 
 METRICS = ("eval/psnr", "eval/ssim", "eval/iou")
+GROUPS = ("long", "quickstart", "methods", "asd-knobs")
 QUICKSTART_PANEL = ["a red cube", "a green torus"]
 OUTSIDE_PANEL = [
     "a yellow cylinder on top of a pink cube",
@@ -131,7 +137,15 @@ def group_tasks(group: str, seeds: int | None) -> list[Task]:
             for prompt in METHODS_PANEL
             for seed in range(seeds or 3)
         ]
-    raise SystemExit(f"unknown group {group!r}: long, quickstart or methods")
+    if group == "asd-knobs":
+        settings = [Setting("asd", 7.5, 0.0), Setting("asd", 3.0), Setting("asd", 15.0)]
+        return [
+            Task(group, s, prompt, seed, 2000, (150, 300, 600, 1000, 2000))
+            for s in settings
+            for prompt in METHODS_PANEL
+            for seed in range(seeds or 3)
+        ]
+    raise SystemExit(f"unknown group {group!r}: one of {', '.join(GROUPS)}")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -268,13 +282,15 @@ def fmt(values: list[float]) -> str:
 def report(args: argparse.Namespace) -> str:
     results = list(load_results(args.out / "runs.jsonl").values())
     lines: list[str] = []
-    for group in ("long", "quickstart", "methods"):
+    for group in GROUPS:
         rows = [r for r in results if r.group == group]
         if rows:
             lines += report_group(group, rows)
+    lines += report_asd_axes(results)
     text = "\n".join(lines)
     (args.out / "results.md").write_text(text + "\n")
     plot(args.out, results)
+    plot_asd_axes(args.out, results)
     return text
 
 
@@ -323,13 +339,93 @@ def report_group(group: str, rows: list[Result]) -> list[str]:
     return lines + [""]
 
 
+# ASD's two knobs, η at CFG 7.5 and CFG at η 0.1, from the methods and asd-knobs groups together: the
+# two run the same 2,000-step protocol on the same panel, so their ASD cells form one grid.
+ETA_AXIS = [Setting("asd", 7.5, eta) for eta in (0.0, 0.1, 1.0)]
+CFG_AXIS = [Setting("asd", cfg, 0.1) for cfg in (1.0, 3.0, 7.5, 15.0)]
+AXIS_STEPS = ("150", "600", "2000")
+
+
+def axis_runs(results: list[Result], setting: Setting) -> list[Result]:
+    return [
+        r for r in results
+        if r.group in ("methods", "asd-knobs") and r.max_steps == 2000 and Setting(**r.setting) == setting
+    ]  # fmt: skip
+
+
+def report_asd_axes(results: list[Result]) -> list[str]:
+    if not any(r.group == "asd-knobs" for r in results):
+        return []
+    lines = [
+        "### ASD's η and CFG (methods and asd-knobs together)",
+        "",
+        "| setting | seeds | " + " | ".join(f"step {s}" for s in AXIS_STEPS) + " |",
+        "|---|---|" + "---|" * len(AXIS_STEPS),
+    ]
+    for axis, settings in (("η", ETA_AXIS), ("CFG", CFG_AXIS)):  # CFG 7.5, η 0.1 is on both axes
+        for setting in settings:
+            runs = axis_runs(results, setting)
+            if runs:
+                seeds = len({r.seed for r in runs})
+                cells = [fmt(panel_means(runs, step)) for step in AXIS_STEPS]
+                lines.append(f"| {axis}: {setting.label} | {seeds} | " + " | ".join(cells) + " |")
+    return lines + ["", "PSNR (dB), mean ± std over seeds of the panel mean.", ""]
+
+
+def plot_asd_axes(out: Path, results: list[Result]) -> None:
+    """`asd_axes.png`: panel-mean PSNR against η (CFG 7.5) and against CFG (η 0.1), one line per step,
+    with SDS at the same CFGs as crosses."""
+    if not any(r.group == "asd-knobs" for r in results):
+        return
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4.2), sharey=True)
+    for axis, settings, ax, x_of in (
+        ("η", ETA_AXIS, left, lambda s: s.eta),
+        ("CFG", CFG_AXIS, right, lambda s: s.cfg_scale),
+    ):
+        for step in AXIS_STEPS:
+            points = [(x_of(s), mean_std(panel_means(axis_runs(results, s), step))) for s in settings]
+            points = [(x, m, sd) for x, (m, sd) in points if math.isfinite(m)]
+            if points:
+                xs, means, stds = zip(*points, strict=True)
+                # η 0, 0.1 and 1 evenly spaced (a log axis has no 0); CFG on a log axis.
+                positions = [[x_of(s) for s in settings].index(x) for x in xs] if axis == "η" else xs
+                ax.errorbar(
+                    list(positions), means, yerr=stds, marker="o", capsize=3, label=f"ASD, step {step}"
+                )
+        sds = [Setting("sds", 7.5)] if axis == "η" else [Setting("sds", 1.0), Setting("sds", 7.5)]
+        for s in sds:
+            runs = [r for r in results if r.group == "methods" and Setting(**r.setting) == s]
+            mean, _ = mean_std(panel_means(runs, "2000"))
+            if math.isfinite(mean):
+                if axis == "η":
+                    ax.axhline(mean, color="black", linestyle="--", label="SDS CFG 7.5, step 2000")
+                else:
+                    label = "SDS, step 2000" if s.cfg_scale == 1.0 else None
+                    ax.plot([s.cfg_scale], [mean], "kx", markersize=9, label=label)
+        if axis == "η":
+            ax.set_xticks(range(len(settings)), [f"{s.eta:g}" for s in settings])
+            ax.set_xlabel("η (CFG 7.5)")
+            ax.set_ylabel("PSNR at held-out views (dB)")
+        else:
+            ax.set_xscale("log")
+            ax.set_xticks([s.cfg_scale for s in settings], [f"{s.cfg_scale:g}" for s in settings])
+            ax.set_xlabel("CFG scale (η 0.1)")
+        ax.legend(fontsize=7)
+    fig.suptitle("ASD's knobs on the methods panel (mean ± std over seeds)")
+    fig.tight_layout()
+    fig.savefig(out / "asd_axes.png", dpi=110)
+    plt.close(fig)
+
+
 def plot(out: Path, results: list[Result]) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    for group in ("long", "quickstart", "methods"):
+    for group in GROUPS:
         rows = [r for r in results if r.group == group]
         if not rows:
             continue
@@ -395,7 +491,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--group", action="append", choices=["long", "quickstart", "methods"], default=[])
+    parser.add_argument("--group", action="append", choices=GROUPS, default=[])
     parser.add_argument("--config", default="sweeps/configs/reference_cpu.yaml")
     parser.add_argument("--out", type=Path, default=Path("docs/study"))
     parser.add_argument("--seeds", type=int, default=None, help="override the group's number of seeds")
