@@ -377,6 +377,9 @@ def plot_asd_axes(out: Path, results: list[Result]) -> None:
     with SDS at the same CFGs as crosses."""
     if not any(r.group == "asd-knobs" for r in results):
         return
+    import matplotlib
+
+    matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4.2), sharey=True)
