@@ -110,6 +110,17 @@ ASD = Setting("asd")
 SUPERVISED = Setting("supervised")
 
 
+def methods_protocol(group: str, settings: list[Setting], seeds: int | None) -> list[Task]:
+    """The methods panel's protocol, shared by the groups whose runs the report pools: one 2,000-step
+    run per setting, prompt and seed, scored along the way."""
+    return [
+        Task(group, s, prompt, seed, 2000, (150, 300, 600, 1000, 2000))
+        for s in settings
+        for prompt in METHODS_PANEL
+        for seed in range(seeds or 3)
+    ]
+
+
 def group_tasks(group: str, seeds: int | None) -> list[Task]:
     if group == "long":
         return [
@@ -131,20 +142,10 @@ def group_tasks(group: str, seeds: int | None) -> list[Task]:
         # ASD and SDS, and η 1 for ASD. One 2,000-step run per cell, scored along the way.
         settings = [ASD, Setting("sds"), Setting("csd"), Setting("vsd"), SUPERVISED]
         settings += [Setting("asd", 1.0), Setting("sds", 1.0), Setting("asd", 7.5, 1.0)]
-        return [
-            Task(group, s, prompt, seed, 2000, (150, 300, 600, 1000, 2000))
-            for s in settings
-            for prompt in METHODS_PANEL
-            for seed in range(seeds or 3)
-        ]
+        return methods_protocol(group, settings, seeds)
     if group == "asd-knobs":
         settings = [Setting("asd", 7.5, 0.0), Setting("asd", 3.0), Setting("asd", 15.0)]
-        return [
-            Task(group, s, prompt, seed, 2000, (150, 300, 600, 1000, 2000))
-            for s in settings
-            for prompt in METHODS_PANEL
-            for seed in range(seeds or 3)
-        ]
+        return methods_protocol(group, settings, seeds)
     raise SystemExit(f"unknown group {group!r}: one of {', '.join(GROUPS)}")
 
 
