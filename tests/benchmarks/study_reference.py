@@ -384,8 +384,9 @@ def plot_asd_axes(out: Path, results: list[Result]) -> None:
     import matplotlib.pyplot as plt
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4.2), sharey=True)
+    # η 0, 0.1 and 1 evenly spaced (a log axis has no 0); CFG on a log axis.
     for axis, settings, ax, x_of in (
-        ("η", ETA_AXIS, left, lambda s: s.eta),
+        ("η", ETA_AXIS, left, ETA_AXIS.index),
         ("CFG", CFG_AXIS, right, lambda s: s.cfg_scale),
     ):
         for step in AXIS_STEPS:
@@ -393,11 +394,7 @@ def plot_asd_axes(out: Path, results: list[Result]) -> None:
             points = [(x, m, sd) for x, (m, sd) in points if math.isfinite(m)]
             if points:
                 xs, means, stds = zip(*points, strict=True)
-                # η 0, 0.1 and 1 evenly spaced (a log axis has no 0); CFG on a log axis.
-                positions = [[x_of(s) for s in settings].index(x) for x in xs] if axis == "η" else xs
-                ax.errorbar(
-                    list(positions), means, yerr=stds, marker="o", capsize=3, label=f"ASD, step {step}"
-                )
+                ax.errorbar(xs, means, yerr=stds, marker="o", capsize=3, label=f"ASD, step {step}")
         sds = [Setting("sds", 7.5)] if axis == "η" else [Setting("sds", 1.0), Setting("sds", 7.5)]
         for s in sds:
             runs = [r for r in results if r.group == "methods" and Setting(**r.setting) == s]
